@@ -1,0 +1,215 @@
+"""Sharding a model: fused sparse optimizers, planner constraints, the plan and DistributedModelParallel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan, ShardingType
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from din_torchrec.config import FeaturesConfig, TableShardingConfig, TrainingConfig
+from din_torchrec.distributed.env import DistEnv
+
+SPARSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "rowwise_adagrad": RowWiseAdagrad,
+    "adagrad": torch.optim.Adagrad,
+    "sgd": torch.optim.SGD,
+}
+
+# EmbeddingCollection data-parallel is broken on CPU (FBGEMM's dense CPU kernel pools rows that should stay
+# per-position), so on CPU the planner never gets to choose it.
+_CPU_EC_SHARDING_TYPES = [
+    ShardingType.TABLE_WISE.value,
+    ShardingType.ROW_WISE.value,
+    ShardingType.COLUMN_WISE.value,
+]
+
+
+class RowWiseEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
+    """EmbeddingBagCollection sharder that also offers row-wise sharding on CPU (TorchRec lists it only for
+    CUDA, but it runs and matches the unsharded result on CPU)."""
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        types = list(super().sharding_types(compute_device_type))
+        if ShardingType.ROW_WISE.value not in types:
+            types.append(ShardingType.ROW_WISE.value)
+        return types
+
+
+def attach_sparse_optimizer(model: nn.Module, training: TrainingConfig) -> None:
+    """Attach the fused sparse optimizer to every embedding table (applied in backward).
+
+    Under DistributedModelParallel the sharded tables turn this into FBGEMM's fused kernel (the update happens
+    inside the lookup's backward, without materialising a dense gradient); unsharded it runs per parameter
+    in backward. Must be called before sharding, on the unsharded model.
+    """
+    cls = SPARSE_OPTIMIZERS[training.sparse_optimizer]
+    kwargs: dict[str, Any] = {"lr": training.lr_sparse}
+    params = []
+    for name, module in model.named_modules():
+        if type(module).__name__ in ("EmbeddingCollection", "EmbeddingBagCollection"):
+            params.extend(module.parameters())
+        del name
+    if params:
+        apply_optimizer_in_backward(cls, params, kwargs)
+
+
+def planner_constraints(
+    features: FeaturesConfig, sharding: dict[str, TableShardingConfig], compute_device: str
+) -> dict[str, ParameterConstraints]:
+    """Per-table constraints from ``training.sharding`` plus the CPU restrictions."""
+    constraints: dict[str, ParameterConstraints] = {}
+    for t in features.sequence:
+        c = sharding.get(t.name)
+        types = list(c.sharding_types) if c and c.sharding_types else None
+        if types is None and compute_device == "cpu":
+            types = list(_CPU_EC_SHARDING_TYPES)
+        kernels = list(c.compute_kernels) if c and c.compute_kernels else None
+        constraints[t.name] = ParameterConstraints(sharding_types=types, compute_kernels=kernels)
+    for p in features.profile:
+        c = sharding.get(p.name)
+        if c is not None:
+            constraints[p.name] = ParameterConstraints(
+                sharding_types=list(c.sharding_types) or None, compute_kernels=list(c.compute_kernels) or None
+            )
+    return constraints
+
+
+def default_sharders() -> list[ModuleSharder[nn.Module]]:
+    """Sharders for the two collection types every model holds."""
+    return [EmbeddingCollectionSharder(), RowWiseEmbeddingBagCollectionSharder()]  # type: ignore[list-item]
+
+
+def make_plan(
+    model: nn.Module,
+    env: DistEnv,
+    features: FeaturesConfig,
+    sharding: dict[str, TableShardingConfig],
+    batch_size: int,
+    sharders: list[ModuleSharder[nn.Module]] | None = None,
+) -> ShardingPlan:
+    """Plan with TorchRec's EmbeddingShardingPlanner for the current job's topology.
+
+    ``plan`` (not ``collective_plan``) runs on every rank: the planner is deterministic, and a failure then
+    raises on every rank instead of leaving the others waiting in a broadcast.
+    """
+    compute_device = env.device.type
+    topology = Topology(
+        world_size=env.world_size, local_world_size=env.local_world_size, compute_device=compute_device
+    )
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=batch_size,
+        constraints=planner_constraints(features, sharding, compute_device),
+        debug=False,
+    )
+    return planner.plan(model, sharders or default_sharders())
+
+
+def shard_model(
+    model: nn.Module,
+    env: DistEnv,
+    features: FeaturesConfig,
+    training: TrainingConfig,
+    batch_size: int,
+    plan: ShardingPlan | None = None,
+) -> DistributedModelParallel:
+    """Attach the sparse optimizer, plan (unless given a plan) and wrap in DistributedModelParallel.
+
+    The dense part is replicated (DistributedDataParallel inside DMP); tables are sharded by the plan.
+    """
+    attach_sparse_optimizer(model, training)
+    sharders = default_sharders()
+    if plan is None:
+        plan = make_plan(model, env, features, training.sharding, batch_size, sharders)
+    # References (no copy) to the unsharded initial weights: sharded tables placed on other ranks are
+    # re-initialised by their kernels, so the shards are filled from these afterwards. Every rank built the
+    # model from the same seed, hence the same initial weights.
+    initial = model.state_dict()
+    dmp = DistributedModelParallel(
+        module=model,
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        device=env.device,
+        plan=plan,
+        sharders=sharders,
+    )
+    load_unsharded_state(dmp, initial)
+    return dmp
+
+
+@torch.no_grad()
+def load_unsharded_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy full (unsharded) tensors into a sharded model: each rank fills its local shards from the slice of
+    the full tensor that the shard metadata names; replicated tensors are copied whole."""
+    for name, target in model.state_dict().items():
+        if name not in state:
+            raise KeyError(f"unsharded state has no entry {name!r}")
+        full = state[name]
+        if isinstance(target, ShardedTensor):
+            for shard in target.local_shards():
+                index = tuple(
+                    slice(o, o + n) for o, n in zip(shard.metadata.shard_offsets, shard.tensor.shape)
+                )
+                shard.tensor.copy_(full[index])
+        elif isinstance(target, DTensor):
+            local = target.to_local()
+            for shard, offsets in zip(local.local_shards(), local.local_offsets()):  # type: ignore[attr-defined]
+                index = tuple(slice(o, o + n) for o, n in zip(offsets, shard.shape))
+                shard.copy_(full[index])
+        elif isinstance(target, torch.Tensor):
+            target.copy_(full)
+
+
+def dense_optimizer(model: nn.Module, training: TrainingConfig) -> KeyedOptimizerWrapper:
+    """Optimizer for every parameter not updated by a fused (in-backward) optimizer."""
+    params = dict(in_backward_optimizer_filter(model.named_parameters()))
+    lr = training.lr_dense
+    if training.dense_optimizer == "adam":
+
+        def factory(p: Any) -> torch.optim.Optimizer:
+            return torch.optim.Adam(p, lr=lr, foreach=True)
+    elif training.dense_optimizer == "adagrad":
+
+        def factory(p: Any) -> torch.optim.Optimizer:
+            return torch.optim.Adagrad(p, lr=lr)
+    else:
+
+        def factory(p: Any) -> torch.optim.Optimizer:
+            return torch.optim.SGD(p, lr=lr)
+
+    return KeyedOptimizerWrapper(params, factory)
+
+
+def combined_optimizer(model: DistributedModelParallel, dense: KeyedOptimizerWrapper) -> CombinedOptimizer:
+    """Fused sparse + dense optimizers as one keyed optimizer (one state dict for checkpoints)."""
+    return CombinedOptimizer([("sparse", model.fused_optimizer), ("dense", dense)])
+
+
+def describe_plan(plan: ShardingPlan) -> list[dict[str, Any]]:
+    """Per table: module path, sharding type, kernel and the ranks holding it (for logs and JSON)."""
+    rows = []
+    for module_path, module_plan in plan.plan.items():
+        for table, ps in module_plan.items():  # type: ignore[union-attr]
+            rows.append(
+                {
+                    "module": module_path,
+                    "table": table,
+                    "sharding_type": ps.sharding_type,
+                    "compute_kernel": ps.compute_kernel,
+                    "ranks": list(ps.ranks or []),
+                }
+            )
+    return rows

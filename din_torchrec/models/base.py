@@ -1,0 +1,114 @@
+"""The shared front of every model (embeddings) and the DIN paper's base model (sum pooling)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from din_torchrec.config import FeaturesConfig, ModelConfig
+from din_torchrec.data.batch import Batch
+from din_torchrec.embeddings.tables import build_profile_collection, build_sequence_collection
+from din_torchrec.models.output import ModelOutput
+from din_torchrec.modules.attention import segment_ids
+from din_torchrec.modules.mlp import MLP
+
+
+@dataclass
+class EmbeddedBatch:
+    """The looked-up embeddings of a batch.
+
+    Attributes:
+        candidates: ``[B, S]``, the candidate's rows of every sequence table concatenated (S = D * tables).
+        behaviours: ``[N, S]``, the history rows, jagged (sample after sample, oldest first).
+        lengths: ``[B]`` history length per sample.
+        profile: ``[B, P]`` pooled profile embeddings, or None.
+        rows: feature name -> looked-up rows, for the regularizer.
+    """
+
+    candidates: torch.Tensor
+    behaviours: torch.Tensor
+    lengths: torch.Tensor
+    profile: torch.Tensor | None
+    rows: dict[str, torch.Tensor]
+
+
+class SequenceCTRModel(nn.Module):
+    """Embeddings + an interaction over the behaviour sequence + the top MLP.
+
+    Subclasses implement :meth:`interact`, which turns an :class:`EmbeddedBatch` into a ``[B, U]`` user
+    interest vector (and optionally per-behaviour attention weights). The top MLP sees
+    ``[profile, candidate, interest]``.
+    """
+
+    def __init__(
+        self,
+        features: FeaturesConfig,
+        model: ModelConfig,
+        interest_width: int,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.features = features
+        self.model_config = model
+        self.sequence_embeddings = build_sequence_collection(features, device)
+        self.profile_embeddings = build_profile_collection(features, device)
+        self.behaviour_width = features.embedding_dim * len(features.sequence)
+        self.profile_width = sum(p.embedding_dim or features.embedding_dim for p in features.profile)
+        top_in = self.profile_width + self.behaviour_width + interest_width
+        self.top = MLP(top_in, model.mlp_hidden, model.mlp_activation, 1, model.dice_eps, model.dice_momentum)
+
+    def embed(self, batch: Batch) -> EmbeddedBatch:
+        seq = self.sequence_embeddings(batch.sequence_features)
+        rows: dict[str, torch.Tensor] = {}
+        cands, hists = [], []
+        for t in self.features.sequence:
+            cand = seq[t.target_column].values()
+            hist = seq[t.history_column].values()
+            rows[t.target_column] = cand
+            rows[t.history_column] = hist
+            cands.append(cand)
+            hists.append(hist)
+        lengths = seq[self.features.sequence[0].history_column].lengths()
+        profile = None
+        if self.profile_embeddings is not None:
+            kt = self.profile_embeddings(batch.profile_features)
+            profile = kt.values()
+            # Profile bags hold exactly one id per sample, so the pooled row is the looked-up row.
+            rows.update(kt.to_dict())
+        return EmbeddedBatch(
+            candidates=torch.cat(cands, dim=-1) if len(cands) > 1 else cands[0],
+            behaviours=torch.cat(hists, dim=-1) if len(hists) > 1 else hists[0],
+            lengths=lengths,
+            profile=profile,
+            rows=rows,
+        )
+
+    def interact(self, emb: EmbeddedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        emb = self.embed(batch)
+        interest, attention = self.interact(emb)
+        parts = [emb.candidates, interest] if emb.profile is None else [emb.profile, emb.candidates, interest]
+        logits = self.top(torch.cat(parts, dim=-1)).squeeze(-1)
+        return ModelOutput(logits=logits, attention=attention, embeddings=emb.rows)
+
+
+class BaseModel(SequenceCTRModel):
+    """The DIN paper's Embedding&MLP base model: the history is sum-pooled, blind to the candidate.
+
+    ``interest: [B, S] = sum_j e_{b_j}``.
+    """
+
+    def __init__(
+        self, features: FeaturesConfig, model: ModelConfig, device: torch.device | None = None
+    ) -> None:
+        super().__init__(
+            features, model, interest_width=features.embedding_dim * len(features.sequence), device=device
+        )
+
+    def interact(self, emb: EmbeddedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        pooled = torch.zeros_like(emb.candidates).index_add(0, segment_ids(emb.lengths), emb.behaviours)
+        return pooled, None

@@ -1,0 +1,169 @@
+"""DIN target attention: the local activation unit and attention pooling over a behaviour sequence.
+
+Two paths compute the same thing:
+
+* the *reference* (``*_padded``): the formula as written, on a padded ``[B, T, D]`` block with a mask,
+  scoring ``[b, c, b - c, b * c]`` through an MLP;
+* the *fast path* (jagged): only the N real behaviours of the batch are touched (no padding), and the first
+  layer is split algebraically,
+  ``W [b, c, b-c, b*c] = (W_b + W_d) b + (W_c - W_d) c + W_p (b*c)``,
+  so the candidate-side product is computed once per sample (B rows), not once per behaviour (N rows).
+
+Tests check the fast path against the reference on random jagged inputs, empty and length-1 histories
+included.
+"""
+
+from __future__ import annotations
+
+import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+import torch
+from torch import nn
+
+from din_torchrec.modules.activations import make_activation
+from din_torchrec.modules.mlp import MLP
+
+
+def segment_ids(lengths: torch.Tensor) -> torch.Tensor:
+    """``[B]`` lengths -> ``[N]`` the sample index of every jagged value (N = lengths.sum())."""
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+
+
+def complete_offsets(lengths: torch.Tensor) -> torch.Tensor:
+    """``[B]`` lengths -> ``[B + 1]`` offsets starting at 0."""
+    return torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
+
+
+class LocalActivationUnit(nn.Module):
+    """Scores each behaviour b against the candidate c with an MLP on ``[b, c, b - c, b * c]``.
+
+    Args:
+        embedding_dim: D, the width of a behaviour (and candidate) embedding.
+        hidden: hidden widths of the scoring MLP, e.g. ``[80, 40]``; the output is one score.
+        activation: ``dice``, ``prelu``, ``relu`` or ``sigmoid`` (the DIN paper's unit uses PReLU/Dice).
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        hidden: list[int],
+        activation: str = "dice",
+        dice_eps: float = 1e-8,
+        dice_momentum: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if not hidden:
+            raise ValueError("LocalActivationUnit: hidden must name at least one layer")
+        self.embedding_dim = embedding_dim
+        self.first = nn.Linear(4 * embedding_dim, hidden[0])
+        self.first_activation = make_activation(activation, hidden[0], dice_eps, dice_momentum)
+        self.rest = MLP(
+            hidden[0], hidden[1:], activation, out_features=1, dice_eps=dice_eps, dice_momentum=dice_momentum
+        )
+
+    def scores_reference(self, behaviours: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Plain formula on aligned rows.
+
+        Args:
+            behaviours: ``[M, D]``.
+            candidates: ``[M, D]``, the candidate of each behaviour's sample.
+
+        Returns:
+            ``[M]`` scores.
+        """
+        x = torch.cat([behaviours, candidates, behaviours - candidates, behaviours * candidates], dim=-1)
+        return self.rest(self.first_activation(self.first(x))).squeeze(-1)
+
+    def scores_jagged(
+        self, behaviours: torch.Tensor, candidates: torch.Tensor, segments: torch.Tensor
+    ) -> torch.Tensor:
+        """Fast path with the split first layer.
+
+        Args:
+            behaviours: ``[N, D]`` the real behaviours of the batch, sample after sample.
+            candidates: ``[B, D]`` one candidate per sample.
+            segments: ``[N]`` sample index of each behaviour (:func:`segment_ids`).
+
+        Returns:
+            ``[N]`` scores, equal to :meth:`scores_reference` on ``candidates[segments]``.
+        """
+        w_b, w_c, w_d, w_p = self.first.weight.split(self.embedding_dim, dim=1)
+        cand_rows = candidates.index_select(0, segments)
+        cand_part = torch.addmm(self.first.bias, candidates, (w_c - w_d).t()).index_select(0, segments)
+        h = cand_part + behaviours @ (w_b + w_d).t() + (behaviours * cand_rows) @ w_p.t()
+        return self.rest(self.first_activation(h)).squeeze(-1)
+
+
+class TargetAttentionPooling(nn.Module):
+    """DIN's attention pooling: ``v_u = sum_j a_j e_{b_j}`` with ``a_j`` from a :class:`LocalActivationUnit`.
+
+    ``normalization="none"`` keeps the unit's raw outputs as weights, as the DIN paper does (the sum of the
+    weights then carries the intensity of the user's interest); ``"softmax"`` normalises them over each
+    sample's real behaviours.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        hidden: list[int],
+        activation: str = "dice",
+        normalization: str = "none",
+        dice_eps: float = 1e-8,
+        dice_momentum: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if normalization not in ("none", "softmax"):
+            raise ValueError(f"attention normalization: expected 'none' or 'softmax', got {normalization!r}")
+        self.normalization = normalization
+        self.unit = LocalActivationUnit(embedding_dim, hidden, activation, dice_eps, dice_momentum)
+
+    def forward(
+        self, behaviours: torch.Tensor, lengths: torch.Tensor, candidates: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Jagged fast path.
+
+        Args:
+            behaviours: ``[N, D]`` jagged values (sample after sample, no padding).
+            lengths: ``[B]`` behaviours per sample (0 allowed).
+            candidates: ``[B, D]``.
+
+        Returns:
+            ``(pooled [B, D], weights [N])``; a sample without behaviours pools to zeros.
+        """
+        segments = segment_ids(lengths)
+        scores = self.unit.scores_jagged(behaviours, candidates, segments)
+        if self.normalization == "softmax":
+            max_len = int(lengths.max().item()) if lengths.numel() else 0
+            weights = torch.ops.fbgemm.jagged_softmax(
+                scores.unsqueeze(-1), complete_offsets(lengths), max_len
+            )[0]
+            weights = weights.squeeze(-1)
+        else:
+            weights = scores
+        pooled = torch.zeros_like(candidates).index_add(0, segments, behaviours * weights.unsqueeze(-1))
+        return pooled, weights
+
+    def forward_padded(
+        self, behaviours: torch.Tensor, mask: torch.Tensor, candidates: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference on a padded block.
+
+        Args:
+            behaviours: ``[B, T, D]``, padded.
+            mask: ``[B, T]`` bool, True at real behaviours.
+            candidates: ``[B, D]``.
+
+        Returns:
+            ``(pooled [B, D], weights [B, T])`` with zero weight at padded positions.
+        """
+        b, t, d = behaviours.shape
+        cand = candidates.unsqueeze(1).expand(b, t, d)
+        # Score only the real positions: Dice's batch statistics must not see padding.
+        real_scores = self.unit.scores_reference(behaviours[mask], cand[mask])
+        scores = behaviours.new_zeros(b, t).masked_scatter(mask, real_scores)
+        if self.normalization == "softmax":
+            weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=1)
+            weights = torch.nan_to_num(weights, nan=0.0)  # rows without any behaviour
+        else:
+            weights = scores * mask
+        pooled = (weights.unsqueeze(-1) * behaviours).sum(1)
+        return pooled, weights

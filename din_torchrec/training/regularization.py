@@ -1,0 +1,111 @@
+"""Mini-batch-aware L2 regularization of embedding rows (DIN paper, section 4.1).
+
+For a mini-batch, the penalty on table rows is
+
+    reg = lambda * sum_j  a_j / n_j * ||w_j||^2
+
+over the rows j the batch touched, where n_j is row j's frequency in the training data and ``a_j`` is the
+number of times row j occurs in the batch (``mode="count"``) or 1 (``mode="indicator"``, the paper's
+I(x_j != 0)). Rows the batch did not touch get no gradient from it.
+
+How it is computed, and why this way: the penalty is put on the *looked-up embeddings* (the collection's
+output values), not on the weight tensors. With a fused optimizer the weights are not ordinary parameters
+(the update happens inside the backward of the lookup) and with sharding no rank holds the whole table, but
+the looked-up values exist on every rank in the layout the model sees. Each position i that looked up row j
+gets the coefficient ``c_i`` with
+
+    count mode:      c_i = 1 / n_j                (summed over the a_j positions: a_j / n_j)
+    indicator mode:  c_i = 1 / (n_j * a_j)        (summed over the a_j positions: 1 / n_j)
+
+so ``sum_i c_i ||e_i||^2`` equals the formula above, and autograd routes ``2 lambda c_i e_i`` into exactly the
+touched rows through whatever optimizer the table uses. The coefficients are computed in the data loader (it
+has the frequency table), which keeps ``unique`` out of the model's forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+
+def mba_coefficients(
+    ids_by_key: Mapping[str, np.ndarray],
+    table_of_key: Mapping[str, str],
+    frequencies: Mapping[str, np.ndarray],
+    mode: str = "count",
+) -> dict[str, np.ndarray]:
+    """Per-position coefficients ``c_i`` for every key (feature) of a batch.
+
+    Args:
+        ids_by_key: feature name -> ``[num values]`` int64 ids looked up by that feature in this batch.
+        table_of_key: feature name -> table name; features of one table are counted together (the candidate
+            and the history share the item table, so an item appearing in both counts twice).
+        frequencies: table name -> ``[num_embeddings]`` counts n_j over the training data. A zero count (an
+            id never seen in training) is treated as 1.
+        mode: ``"count"`` or ``"indicator"``.
+
+    Returns:
+        feature name -> ``[num values]`` float32 coefficients.
+    """
+    if mode not in ("count", "indicator"):
+        raise ValueError(f"regularization mode: expected 'count' or 'indicator', got {mode!r}")
+    keys_by_table: dict[str, list[str]] = {}
+    for key in ids_by_key:
+        keys_by_table.setdefault(table_of_key[key], []).append(key)
+    out: dict[str, np.ndarray] = {}
+    for table, keys in keys_by_table.items():
+        freq = frequencies[table]
+        ids = np.concatenate([np.asarray(ids_by_key[k], dtype=np.int64) for k in keys])
+        n = np.maximum(freq[ids], 1).astype(np.float64)
+        if mode == "count":
+            coeff = 1.0 / n
+        else:
+            _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+            coeff = 1.0 / (n * counts[inverse])
+        start = 0
+        for k in keys:
+            size = len(ids_by_key[k])
+            out[k] = coeff[start : start + size].astype(np.float32)
+            start += size
+    return out
+
+
+def kjt_mba_coefficients(
+    kjt: KeyedJaggedTensor,
+    table_of_key: Mapping[str, str],
+    frequencies: Mapping[str, np.ndarray],
+    mode: str = "count",
+) -> dict[str, torch.Tensor]:
+    """:func:`mba_coefficients` for the keys of a KJT, as tensors aligned with each key's values."""
+    per_key = kjt.to_dict()
+    ids = {k: per_key[k].values().numpy() for k in kjt.keys() if k in table_of_key}
+    return {k: torch.from_numpy(v) for k, v in mba_coefficients(ids, table_of_key, frequencies, mode).items()}
+
+
+def mba_penalty(
+    embeddings: Mapping[str, torch.Tensor | JaggedTensor],
+    coefficients: Mapping[str, torch.Tensor],
+) -> torch.Tensor:
+    """``sum_k sum_i c_{k,i} * ||e_{k,i}||^2`` over the looked-up embeddings of the keys in ``coefficients``.
+
+    Args:
+        embeddings: feature name -> looked-up rows, ``[num values, D]`` (a JaggedTensor's values, or the
+            pooled ``[B, D]`` output of a bag whose every sample has exactly one id).
+        coefficients: feature name -> ``[num values]`` coefficients from :func:`mba_coefficients`.
+    """
+    total: torch.Tensor | None = None
+    for key, c in coefficients.items():
+        e = embeddings[key]
+        values = e.values() if isinstance(e, JaggedTensor) else e
+        if values.shape[0] != c.shape[0]:
+            raise ValueError(
+                f"regularization for {key!r}: {c.shape[0]} coefficients for {values.shape[0]} looked-up rows"
+            )
+        term = (values.float().pow(2).sum(-1) * c.to(values.device)).sum()
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros(())
+    return total

@@ -1,0 +1,319 @@
+"""One trainer for one process and for many: DistributedModelParallel over gloo (CPU) or nccl (GPU)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from din_torchrec.config import ExperimentConfig, dump_config, to_dict
+from din_torchrec.data.batch import Batch
+from din_torchrec.data.reader import BehaviorReader, load_frequencies
+from din_torchrec.distributed.env import DistEnv, init_distributed
+from din_torchrec.distributed.sharding import dense_optimizer, describe_plan, shard_model
+from din_torchrec.models import build_model
+from din_torchrec.models.output import ModelOutput
+from din_torchrec.training.checkpoint import load_checkpoint, save_checkpoint
+from din_torchrec.training.losses import click_loss
+from din_torchrec.training.metrics import ctr_metrics
+from din_torchrec.training.plots import plot_training_curve
+from din_torchrec.training.regularization import mba_penalty
+from din_torchrec.utils.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: identical initial weights, which DMP then shards."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@dataclass
+class StepLoss:
+    """The parts of one step's loss (python floats, for logging)."""
+
+    total: float
+    click: float
+    reg: float
+    aux: float
+
+
+@dataclass
+class TrainState:
+    """What the trainer keeps across epochs."""
+
+    step: int = 0
+    history: dict[str, Any] = field(default_factory=lambda: {"steps": [], "loss": [], "epochs": []})
+
+
+def compute_loss(
+    out: ModelOutput, batch: Batch, cfg: ExperimentConfig, world_size: int
+) -> tuple[torch.Tensor, StepLoss]:
+    """BCE + auxiliary loss + mini-batch-aware regularization.
+
+    The regularizer is multiplied by the world size: gradients are averaged over ranks, and the penalty of
+    the global mini-batch is the *sum* of the ranks' penalties (the BCE term is a mean, which averaging keeps).
+    """
+    click = click_loss(out.logits, batch.labels, batch.valid, cfg.training.loss)
+    total = click
+    reg_value = 0.0
+    aux_value = 0.0
+    reg_cfg = cfg.training.regularization
+    if reg_cfg.coefficient > 0 and batch.reg_weights:
+        reg = reg_cfg.coefficient * world_size * mba_penalty(out.embeddings, batch.reg_weights)
+        total = total + reg
+        reg_value = float(reg.detach())
+    if out.aux_loss is not None:
+        total = total + out.aux_loss
+        aux_value = float(out.aux_loss.detach())
+    return total, StepLoss(float(total.detach()), float(click.detach()), reg_value, aux_value)
+
+
+def make_reader(
+    cfg: ExperimentConfig, env: DistEnv, split: str, frequencies: dict[str, np.ndarray] | None
+) -> BehaviorReader:
+    """The reader of ``split`` (``train`` or ``eval``) for this rank."""
+    d = cfg.data
+    if split == "train":
+        return BehaviorReader(
+            d.resolve(d.train_path),
+            cfg.features,
+            max_history=d.max_history,
+            batch_size=d.batch_size,
+            rank=env.rank,
+            world_size=env.world_size,
+            shuffle_buffer=d.shuffle_buffer,
+            seed=cfg.training.seed,
+            drop_last=True,
+            frequencies=frequencies,
+            reg_mode=cfg.training.regularization.mode,
+            read_chunk_rows=d.read_chunk_rows,
+        )
+    return BehaviorReader(
+        d.resolve(d.eval_path),
+        cfg.features,
+        max_history=d.max_history,
+        batch_size=d.eval_batch_size,
+        rank=env.rank,
+        world_size=env.world_size,
+        shuffle_buffer=0,
+        seed=cfg.training.seed,
+        drop_last=False,
+        pad_last=True,
+        read_chunk_rows=d.read_chunk_rows,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, reader: BehaviorReader, env: DistEnv, progress: bool = False
+) -> dict[str, float]:
+    """Metrics over the whole evaluation split, gathered from every rank.
+
+    Every rank runs the same number of padded batches (sharded lookups are collective); padding rows carry
+    ``valid == 0`` and are dropped before the metrics.
+    """
+    was_training = model.training
+    model.eval()
+    logits, labels, users, valid = [], [], [], []
+    for batch in tqdm(reader, desc="eval", disable=not (progress and env.is_main), leave=False):
+        batch = batch.to(env.device)
+        out = model(batch)
+        logits.append(out.logits.float().cpu())
+        labels.append(batch.labels.cpu())
+        users.append(batch.user_ids.cpu())
+        valid.append(batch.valid_mask().cpu())
+    model.train(was_training)
+    local = (
+        torch.stack([torch.cat(logits), torch.cat(labels), torch.cat(users).double(), torch.cat(valid)])
+        if logits
+        else torch.zeros(4, 0)
+    )
+    local = local.double()
+    if env.world_size > 1:
+        gathered = [torch.empty_like(local) for _ in range(env.world_size)]
+        dist.all_gather(gathered, local)
+        local = torch.cat(gathered, dim=1)
+    keep = local[3] > 0
+    return ctr_metrics(local[0][keep], local[1][keep], local[2][keep].long())
+
+
+class Trainer:
+    """Builds the sharded model, runs epochs, evaluates, and writes metrics, curve and checkpoint.
+
+    Outputs in ``training.output_dir``: ``config.yaml``, ``plan.json``, ``metrics.json``,
+    ``training_curve.png``, ``checkpoint/`` (DCP). Only rank 0 writes files other than checkpoint shards.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, env: DistEnv | None = None) -> None:
+        self.cfg = cfg
+        self.env = env or init_distributed(cfg.training.backend, cfg.training.num_threads)
+        seed_everything(cfg.training.seed)
+        self.out_dir = Path(cfg.training.output_dir)
+        reg = cfg.training.regularization
+        freq_path = cfg.data.resolve(cfg.data.frequency_path)
+        self.frequencies = load_frequencies(freq_path, cfg.features) if reg.coefficient > 0 else None
+        self.train_reader = make_reader(cfg, self.env, "train", self.frequencies)
+        self.eval_reader = make_reader(cfg, self.env, "eval", None)
+        model = build_model(cfg, device=self.env.device if self.env.device.type != "cpu" else None)
+        self.model = shard_model(model, self.env, cfg.features, cfg.training, cfg.data.batch_size)
+        self.dense_opt = dense_optimizer(self.model, cfg.training)
+        self.dense_params = [p for p in self.dense_opt.params.values()]
+        self.state = TrainState()
+
+    def _log(self, msg: str) -> None:
+        if self.env.is_main:
+            tqdm.write(msg)
+
+    def train_step(self, batch: Batch) -> StepLoss:
+        batch = batch.to(self.env.device)
+        out = self.model(batch)
+        loss, parts = compute_loss(out, batch, self.cfg, self.env.world_size)
+        self.dense_opt.zero_grad()
+        loss.backward()  # sparse tables are updated here, by the fused optimizer
+        if self.cfg.training.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.dense_params, self.cfg.training.grad_clip_norm)
+        self.dense_opt.step()
+        return parts
+
+    def fit(self) -> dict[str, Any]:
+        cfg, env = self.cfg, self.env
+        if env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out_dir / "config.yaml", dump_config(cfg))
+            atomic_write_json(self.out_dir / "plan.json", describe_plan(self.model.plan))
+        steps_per_epoch = len(self.train_reader)
+        if cfg.training.max_steps_per_epoch > 0:
+            steps_per_epoch = min(steps_per_epoch, cfg.training.max_steps_per_epoch)
+        global_batch = cfg.data.batch_size * env.world_size
+        self._log(
+            f"training {cfg.model.name}: {steps_per_epoch} steps/epoch x {cfg.training.epochs} epochs, "
+            f"global batch {global_batch}, world size {env.world_size}, device {env.device}"
+        )
+        train_seconds = 0.0
+        train_samples = 0
+        epochs: list[dict[str, Any]] = []
+        for epoch in range(cfg.training.epochs):
+            self.train_reader.set_epoch(epoch)
+            self.model.train()
+            bar = tqdm(
+                total=steps_per_epoch,
+                desc=f"{cfg.model.name} epoch {epoch + 1}/{cfg.training.epochs}",
+                disable=not (cfg.training.progress and env.is_main),
+                unit="step",
+                dynamic_ncols=True,
+            )
+            t0 = time.perf_counter()
+            running: list[float] = []
+            for i, batch in enumerate(self.train_reader):
+                if i >= steps_per_epoch:
+                    break
+                parts = self.train_step(batch)
+                if not math.isfinite(parts.total):
+                    raise FloatingPointError(
+                        f"loss became {parts.total} at step {self.state.step} (epoch {epoch})"
+                    )
+                self.state.step += 1
+                running.append(parts.total)
+                elapsed = time.perf_counter() - t0
+                rate = (i + 1) * global_batch / max(elapsed, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{parts.total:.4f}", samples_s=f"{rate:,.0f}")
+                if self.state.step % max(cfg.training.log_every, 1) == 0:
+                    self.state.history["steps"].append(self.state.step)
+                    self.state.history["loss"].append(float(np.mean(running)))
+                    running = []
+                    if not cfg.training.progress:
+                        eta = (steps_per_epoch - i - 1) * elapsed / (i + 1)
+                        self._log(
+                            f"epoch {epoch + 1} step {i + 1}/{steps_per_epoch} loss {parts.total:.4f} "
+                            f"(click {parts.click:.4f} reg {parts.reg:.2e} aux {parts.aux:.4f}) "
+                            f"{rate:,.0f} samples/s ETA {eta:.0f}s"
+                        )
+            bar.close()
+            epoch_seconds = time.perf_counter() - t0
+            train_seconds += epoch_seconds
+            train_samples += steps_per_epoch * global_batch
+            if running:
+                self.state.history["steps"].append(self.state.step)
+                self.state.history["loss"].append(float(np.mean(running)))
+            metrics = evaluate(self.model, self.eval_reader, env, progress=cfg.training.progress)
+            row = {
+                "epoch": epoch,
+                **metrics,
+                "train_seconds": epoch_seconds,
+                "train_samples_per_s": steps_per_epoch * global_batch / max(epoch_seconds, 1e-9),
+            }
+            epochs.append(row)
+            self.state.history["epochs"].append(row)
+            self._log(
+                f"[{cfg.model.name}] epoch {epoch + 1}: AUC {metrics['auc']:.4f}  gAUC {metrics['gauc']:.4f}  "
+                f"logloss {metrics['logloss']:.4f}  ({row['train_samples_per_s']:,.0f} samples/s)"
+            )
+        ckpt = save_checkpoint(
+            self.out_dir / "checkpoint",
+            self.model,
+            {
+                "model": cfg.model.name,
+                "step": self.state.step,
+                "epochs": cfg.training.epochs,
+                "world_size": env.world_size,
+            },
+        )
+        result = {
+            "model": cfg.model.name,
+            "world_size": env.world_size,
+            "final": epochs[-1] if epochs else {},
+            "epochs": epochs,
+            "train_samples_per_s": train_samples / max(train_seconds, 1e-9),
+            "train_seconds": train_seconds,
+            "peak_rss_mb": peak_rss_mb(),
+            "steps": self.state.step,
+            "checkpoint": str(ckpt),
+            "config": to_dict(cfg),
+        }
+        if env.world_size > 1:
+            peaks = [None] * env.world_size
+            dist.all_gather_object(peaks, result["peak_rss_mb"])
+            result["peak_rss_mb_per_rank"] = peaks
+        if env.is_main:
+            atomic_write_json(self.out_dir / "metrics.json", result)
+            plot_training_curve(
+                self.state.history, self.out_dir / "training_curve.png", title=f"{cfg.model.name}"
+            )
+        return result
+
+
+def train(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Train and evaluate ``cfg``; returns (and writes) the metrics."""
+    return Trainer(cfg).fit()
+
+
+def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path) -> dict[str, Any]:
+    """Load a checkpoint into a freshly sharded model (any world size) and evaluate the eval split."""
+    env = init_distributed(cfg.training.backend, cfg.training.num_threads)
+    seed_everything(cfg.training.seed)
+    model = build_model(cfg, device=env.device if env.device.type != "cpu" else None)
+    dmp = shard_model(model, env, cfg.features, cfg.training, cfg.data.eval_batch_size)
+    meta = load_checkpoint(checkpoint, dmp)
+    reader = make_reader(cfg, env, "eval", None)
+    metrics = evaluate(dmp, reader, env, progress=cfg.training.progress)
+    return {"model": cfg.model.name, "checkpoint": str(checkpoint), "checkpoint_meta": meta, **metrics}
