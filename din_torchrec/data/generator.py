@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from din_torchrec.config import GeneratorConfig
+from din_torchrec.config import ConfigError, GeneratorConfig
 from din_torchrec.utils.io import atomic_replace_dir, atomic_write_json, atomic_write_with
 
 SCHEMA_VERSION = 1
@@ -200,7 +200,7 @@ def validate_generator_config(cfg: GeneratorConfig) -> None:
     ]
     for ok, message in checks:
         if not ok:
-            raise ValueError(f"generator.{message}")
+            raise ConfigError(f"data.generator.{message}")
 
 
 def build_world(cfg: GeneratorConfig) -> World:

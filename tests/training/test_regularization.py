@@ -38,7 +38,7 @@ def test_penalty_equals_hand_computed_sum_over_touched_rows(mode: str) -> None:
     expected = sum(
         (counts[j] if mode == "count" else 1) / FREQ["item"][j] * float(w[j].pow(2).sum()) for j in counts
     )
-    assert float(penalty) == pytest.approx(expected, rel=1e-6)
+    assert float(penalty.detach()) == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["count", "indicator"])
