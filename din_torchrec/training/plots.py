@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from din_torchrec.utils.io import atomic_write_with  # noqa: E402
 
@@ -29,6 +30,7 @@ def plot_training_curve(history: dict[str, Any], path: str | Path, title: str = 
         values = [e.get(key, float("nan")) for e in history["epochs"]]
         ax_auc.plot(epochs, values, marker="o", label=key, color=color)
     ax_auc.set_xlabel("epoch")
+    ax_auc.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_auc.set_ylabel("evaluation")
     ax_auc.legend()
     ax_auc.grid(alpha=0.3)

@@ -6,6 +6,7 @@ import logging
 import math
 import random
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,9 @@ from din_torchrec.training.regularization import mba_penalty
 from din_torchrec.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
+
+# A progress bar redraws every 0.1 s on a terminal; written to a log file that is one line per redraw.
+_BAR_INTERVAL = 0.1 if sys.stderr.isatty() else 10.0
 
 
 def seed_everything(seed: int) -> None:
@@ -220,6 +224,7 @@ class Trainer:
                 disable=not (cfg.training.progress and env.is_main),
                 unit="step",
                 dynamic_ncols=True,
+                mininterval=_BAR_INTERVAL,
             )
             t0 = time.perf_counter()
             running: list[float] = []
