@@ -57,6 +57,21 @@ class GeneratorConfig:
     profile_strength: float = 0.25
     mean_gap_seconds: float = 3600.0
     start_timestamp: int = 1_700_000_000
+    # Interest drift (DIEN's premise): phased interests, clicks driven by the recent behaviours.
+    drift: bool = False
+    drift_phases: int = 3
+    drift_recent: int = 10
+    drift_old_share: float = 0.5
+    # Sessions (DSIN's premise): single-themed bursts, clicks driven by how many sessions match.
+    sessions: bool = False
+    session_gap_seconds: int = 1800
+    session_min_behaviors: int = 1
+    session_max_behaviors: int = 10
+    session_inner_gap_seconds: float = 120.0
+    session_break_seconds: float = 43_200.0
+    session_window: int = 3
+    session_click_cap: int = 3
+    session_click_threshold: float = 0.4
 
 
 @dataclass
@@ -135,10 +150,37 @@ class FeaturesConfig:
 
 
 @dataclass
+class DIENConfig:
+    """DIEN: GRU interest extractor, auxiliary next-behaviour loss, attention-gated interest evolution."""
+
+    gru_hidden: int = 0
+    evolution: Literal["augru", "agru", "aigru"] = "augru"
+    aux_loss_weight: float = 1.0
+    aux_hidden: list[int] = field(default_factory=lambda: [100, 50])
+    negative_sampling: Literal["uniform", "popularity"] = "uniform"
+    item_features_path: str = "item_features.npz"
+
+
+@dataclass
+class DSINConfig:
+    """DSIN: time-gap sessions, bias encoding, self-attention per session, Bi-LSTM across sessions.
+
+    ``ffn_hidden``: width of the extractor's feed-forward layer; null -> 4 x behaviour width, 0 -> none.
+    """
+
+    session_gap_seconds: int = 1800
+    max_sessions: int = 5
+    max_session_length: int = 10
+    heads: int = 4
+    ffn_hidden: int | None = None
+    lstm_hidden: int = 16
+
+
+@dataclass
 class ModelConfig:
     """Which interaction module and the sizes of its MLPs."""
 
-    name: Literal["base", "din"] = "din"
+    name: Literal["base", "din", "dien", "dsin"] = "din"
     attention_hidden: list[int] = field(default_factory=lambda: [80, 40])
     attention_activation: Literal["dice", "prelu", "relu", "sigmoid"] = "dice"
     attention_normalization: Literal["softmax", "none"] = "none"
@@ -146,6 +188,8 @@ class ModelConfig:
     mlp_activation: Literal["dice", "prelu", "relu"] = "dice"
     dice_eps: float = 1e-8
     dice_momentum: float = 0.01
+    dien: DIENConfig = field(default_factory=DIENConfig)
+    dsin: DSINConfig = field(default_factory=DSINConfig)
 
 
 @dataclass
@@ -178,7 +222,12 @@ class TrainingConfig:
     sparse_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd"] = "rowwise_adagrad"
     lr_sparse: float = 0.05
     grad_clip_norm: float = 5.0
-    loss: Literal["bce"] = "bce"
+    loss: Literal["bce", "focal"] = "bce"
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    label_smoothing: float = 0.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accumulation_steps: int = 1
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
     seed: int = 0
     output_dir: str = "runs/default"
@@ -247,6 +296,40 @@ class ExperimentConfig:
                 raise ConfigError(f"training.sharding.{table}: no such table; tables are {sorted(known)}")
         if self.training.regularization.coefficient < 0:
             raise ConfigError("training.regularization.coefficient: expected >= 0")
+        if not 0.0 <= self.training.label_smoothing < 1.0:
+            raise ConfigError(
+                f"training.label_smoothing: expected in [0, 1), got {self.training.label_smoothing}"
+            )
+        if not 0.0 <= self.training.focal_alpha <= 1.0:
+            raise ConfigError(f"training.focal_alpha: expected in [0, 1], got {self.training.focal_alpha}")
+        if self.training.focal_gamma < 0:
+            raise ConfigError(f"training.focal_gamma: expected >= 0, got {self.training.focal_gamma}")
+        if self.training.grad_accumulation_steps < 1:
+            raise ConfigError(
+                f"training.grad_accumulation_steps: expected >= 1, got {self.training.grad_accumulation_steps}"
+            )
+        if self.training.precision == "fp16":
+            # Loss scaling cannot work here: the fused embedding optimizers apply each gradient inside the
+            # backward of the lookup, before a GradScaler could unscale it or skip an overflowing step.
+            raise ConfigError(
+                "training.precision: fp16 needs a GradScaler, which the fused (in-backward) embedding "
+                "optimizers cannot honour; use bf16 (no loss scaling needed; native on CPUs with AVX512-BF16/AMX "
+                "and on Ampere/Hopper GPUs)"
+            )
+        width = self.features.embedding_dim * len(self.features.sequence)
+        if self.model.name == "dsin" and width % self.model.dsin.heads != 0:
+            raise ConfigError(
+                f"model.dsin.heads: the behaviour width {width} (embedding_dim x sequence tables) must be "
+                f"divisible by the number of heads, got {self.model.dsin.heads}"
+            )
+        for path, value in [
+            ("model.dsin.max_sessions", self.model.dsin.max_sessions),
+            ("model.dsin.max_session_length", self.model.dsin.max_session_length),
+            ("model.dsin.lstm_hidden", self.model.dsin.lstm_hidden),
+            ("model.dsin.heads", self.model.dsin.heads),
+        ]:
+            if value <= 0:
+                raise ConfigError(f"{path}: expected a positive integer, got {value}")
         return self
 
 

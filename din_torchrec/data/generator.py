@@ -29,6 +29,34 @@ The generator simulates an e-commerce click log in which *target attention* is t
   the base model. ``click_prob`` (the true ``sigmoid(logit)``) is written so tests and reports can compute
   the Bayes-optimal AUC.
 
+Two switchable signals (both off by default; the default output is unchanged by their code) each plant the
+premise of a successor model. Either, or both, may be on:
+
+* **Interest drift** (``drift``; DIEN's premise). Every user has ``drift_phases`` disjoint interest sets of
+  ``interests_per_user`` categories (from a world stream of their own). A group's base sequence is cut by
+  position into ``drift_phases`` equal phases and phase ``p`` draws its interest behaviours from set
+  ``(rotation + p) mod drift_phases`` (``rotation`` random per group, so the user id does not tell the
+  current set). A row's *current* phase is that of its last behaviour; an interest candidate comes from an
+  older phase with probability ``drift_old_share`` (if the prefix has one), else from the current one.
+  Without sessions the click score looks at the recent behaviours only:
+  ``s = max_{j in the last drift_recent behaviours} <v_candidate, v_history_j>``. An old-interest
+  candidate then matches some behaviour of the history (so an order-blind max or attention sees a match)
+  but none of the recent ones, and is rarely clicked.
+* **Sessions** (``sessions``; DSIN's premise). The base sequence is cut into sessions of
+  ``session_min_behaviors..session_max_behaviors`` behaviours. Each session has one theme category (an
+  interest of the user, of the session's phase under drift, with probability ``interest_focus``, else the
+  category of a globally popular item) and all its items come from it. Gaps are
+  ``min(floor(Exp(session_inner_gap_seconds)), session_gap_seconds)`` inside a session and
+  ``session_gap_seconds + 1 + floor(Exp(session_break_seconds))`` between sessions, so splitting a history
+  wherever a gap exceeds ``session_gap_seconds`` recovers the sessions exactly; the target follows the last
+  behaviour by an in-session gap. An interest candidate is the theme of a uniformly chosen session of the
+  prefix (with drift: of an older phase with probability ``drift_old_share``, else of the current phase).
+  With ``n`` the number of sessions about the candidate's category among the last ``session_window``
+  sessions of the prefix (0 = all), the click score is ``s = min(n, session_click_cap) / session_click_cap``
+  and ``session_click_threshold`` replaces ``click_threshold``. What counts is *sessions*, not behaviours:
+  one long session about a theme weighs as much as one short one, so behaviour counts (what flat attention
+  sums) only approximate it.
+
 Everything is vectorised numpy over chunks of sample groups; a chunk is at most a few million history cells,
 so memory stays bounded however many rows are generated. Each chunk has its own random stream derived from
 ``(seed, split, chunk index)``, which makes the output identical run to run and independent of
@@ -76,6 +104,8 @@ SCHEMA = pa.schema(
 # statistically independent streams from one seed (numpy SeedSequence spawn keys).
 _WORLD_STREAM = 0
 _SPLIT_STREAMS = {"train": 1, "test": 2}
+# The drifting interest sets of the users (only drawn with ``drift`` on).
+_DRIFT_WORLD_STREAM = 3
 
 # Upper bound on history cells (rows x max_history) handled per chunk: ~2.5M cells is ~20 MB of int64 ids
 # plus ~10 MB of float32 similarities, whatever the dataset size.
@@ -115,6 +145,8 @@ class World:
         user_bias: ``[num_users + 1]`` float32, personal click-logit offset.
         age_effect: ``[num_age_buckets]`` float32, click-logit offset per age bucket.
         gender_effect: ``[2]`` float32, click-logit offset per gender.
+        user_interest_phases: ``[num_users + 1, drift_phases, interests_per_user]`` int64, the interest sets
+            a user drifts through (all distinct categories), only when ``cfg.drift``; else None.
     """
 
     item_category: np.ndarray
@@ -132,6 +164,7 @@ class World:
     user_bias: np.ndarray
     age_effect: np.ndarray
     gender_effect: np.ndarray
+    user_interest_phases: np.ndarray | None = None
 
     def sample_items(self, categories: np.ndarray | None, u: np.ndarray) -> np.ndarray:
         """Items by popularity, inside ``categories`` where given, else from the whole catalogue.
@@ -198,6 +231,57 @@ def validate_generator_config(cfg: GeneratorConfig) -> None:
         (cfg.start_timestamp >= 0, f"start_timestamp: expected >= 0, got {cfg.start_timestamp}"),
         (cfg.seed >= 0, f"seed: expected >= 0, got {cfg.seed}"),
     ]
+    if cfg.drift or cfg.sessions:
+        checks.append(
+            (
+                cfg.max_history >= 1,
+                f"max_history: expected >= 1 with drift or sessions on, got {cfg.max_history}",
+            )
+        )
+    if cfg.drift:
+        checks += [
+            (cfg.drift_phases >= 2, f"drift_phases: expected >= 2, got {cfg.drift_phases}"),
+            (
+                cfg.drift_phases * cfg.interests_per_user <= cfg.num_categories,
+                f"drift_phases: drift_phases x interests_per_user ({cfg.interests_per_user}) distinct interest "
+                f"categories must fit in num_categories ({cfg.num_categories}), got {cfg.drift_phases}",
+            ),
+            (cfg.drift_recent >= 1, f"drift_recent: expected >= 1, got {cfg.drift_recent}"),
+            (
+                0.0 <= cfg.drift_old_share <= 1.0,
+                f"drift_old_share: expected in [0, 1], got {cfg.drift_old_share}",
+            ),
+        ]
+    if cfg.sessions:
+        checks += [
+            (
+                cfg.session_gap_seconds >= 0,
+                f"session_gap_seconds: expected >= 0, got {cfg.session_gap_seconds}",
+            ),
+            (
+                cfg.session_min_behaviors >= 1,
+                f"session_min_behaviors: expected >= 1, got {cfg.session_min_behaviors}",
+            ),
+            (
+                cfg.session_max_behaviors >= cfg.session_min_behaviors,
+                f"session_max_behaviors: expected >= session_min_behaviors ({cfg.session_min_behaviors}), "
+                f"got {cfg.session_max_behaviors}",
+            ),
+            (
+                cfg.session_inner_gap_seconds >= 0.0,
+                f"session_inner_gap_seconds: expected >= 0, got {cfg.session_inner_gap_seconds}",
+            ),
+            (
+                cfg.session_break_seconds >= 0.0,
+                f"session_break_seconds: expected >= 0, got {cfg.session_break_seconds}",
+            ),
+            (cfg.session_window >= 0, f"session_window: expected >= 0, got {cfg.session_window}"),
+            (cfg.session_click_cap >= 1, f"session_click_cap: expected >= 1, got {cfg.session_click_cap}"),
+            (
+                math.isfinite(cfg.session_click_threshold),
+                f"session_click_threshold: expected a finite number, got {cfg.session_click_threshold}",
+            ),
+        ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"data.generator.{message}")
@@ -269,6 +353,19 @@ def build_world(cfg: GeneratorConfig) -> World:
     age_effect = (s * rng.standard_normal(cfg.num_age_buckets)).astype(np.float32)
     gender_effect = np.array([-0.5 * s, 0.5 * s], dtype=np.float32)
 
+    # Drifting interests come from their own stream, so the rest of the world is the same with drift on/off.
+    user_interest_phases = None
+    if cfg.drift:
+        n_phases = cfg.drift_phases
+        drift_rng = _rng(cfg, _DRIFT_WORLD_STREAM)
+        user_interest_phases = np.zeros((n_users + 1, n_phases, k), dtype=np.int64)
+        for lo in range(0, n_users, _USER_BLOCK):
+            hi = min(n_users, lo + _USER_BLOCK)
+            keys = log_p[None, :] + drift_rng.gumbel(size=(hi - lo, n_cats))
+            # Gumbel top-(phases x k) in key order, cut into phase sets: distinct categories throughout.
+            top = np.argsort(-keys, axis=1, kind="stable")[:, : n_phases * k]
+            user_interest_phases[lo + 1 : hi + 1] = top.reshape(hi - lo, n_phases, k) + 1
+
     return World(
         item_category=item_category,
         item_popularity=item_popularity,
@@ -285,6 +382,7 @@ def build_world(cfg: GeneratorConfig) -> World:
         user_bias=user_bias,
         age_effect=age_effect,
         gender_effect=gender_effect,
+        user_interest_phases=user_interest_phases,
     )
 
 
@@ -296,6 +394,12 @@ def item_latent_vectors(cfg: GeneratorConfig) -> np.ndarray:
 def item_categories(cfg: GeneratorConfig) -> np.ndarray:
     """``[num_items + 1]`` int64 category id of every item (index 0 is the reserved id, category 0)."""
     return build_world(cfg).item_category
+
+
+def item_feature_tables(world: World) -> dict[str, np.ndarray]:
+    """What ``item_features.npz`` holds: for every non-item sequence table, the id of each item in that table
+    (``category``: ``[num_items + 1]`` int64, index 0 the reserved id with category 0)."""
+    return {"category": world.item_category}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -313,37 +417,235 @@ def _list_array(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), pa.array(values, type=pa.int64()))
 
 
+@dataclass
+class _Structure:
+    """The drift and session layout of a chunk's base sequences (see :func:`_structured_groups`).
+
+    Attributes:
+        phase: ``[G, H]`` int64, drift phase (0 oldest) of the unit (behaviour, or session) each position
+            belongs to; all zeros without drift.
+        rotation: ``[G]`` int64, which of the user's interest sets is the group's phase 0.
+        session_start: ``[G, H]`` bool, position opens a session (None without sessions).
+        session_index: ``[G, H]`` int64, session of each position, 0 first (None without sessions).
+        theme: ``[G, H]`` int64, the category of each position's session (None without sessions).
+        session_theme: ``[G, H]`` int64, the category of each session by session index (None without
+            sessions; entries past the group's last session are unused).
+    """
+
+    phase: np.ndarray
+    rotation: np.ndarray
+    session_start: np.ndarray | None = None
+    session_index: np.ndarray | None = None
+    theme: np.ndarray | None = None
+    session_theme: np.ndarray | None = None
+
+
+def _interest_categories(
+    cfg: GeneratorConfig,
+    world: World,
+    users: np.ndarray,
+    phase: np.ndarray,
+    rotation: np.ndarray,
+    which: np.ndarray,
+) -> np.ndarray:
+    """The ``which``-th interest of each user in drift phase ``phase`` (the user's fixed interests without
+    drift). ``users``, ``rotation``: per row of ``phase``; ``phase`` and ``which`` have one shape."""
+    if not cfg.drift:
+        return world.user_interests[users.reshape(-1, *([1] * (phase.ndim - 1))), which]
+    assert world.user_interest_phases is not None
+    sets = (rotation.reshape(-1, *([1] * (phase.ndim - 1))) + phase) % cfg.drift_phases
+    return world.user_interest_phases[users.reshape(-1, *([1] * (phase.ndim - 1))), sets, which]
+
+
+def _structured_groups(
+    cfg: GeneratorConfig, world: World, rng: np.random.Generator, users: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, _Structure]:
+    """Base sequences with drift and/or sessions: ``(items [G, H], timestamps [G, H], start [G], structure)``.
+
+    * Drift: the ``H`` positions fall into ``drift_phases`` equal phases by position; phase ``p`` draws its
+      interest behaviours from the user's interest set ``(rotation + p) mod drift_phases``.
+    * Sessions: the sequence is cut into sessions of ``session_min_behaviors..session_max_behaviors``
+      behaviours; each session has one theme category (an interest of the session's phase with probability
+      ``interest_focus``, else the category of a globally popular item) and all its items come from it (by
+      popularity). Gaps inside a session are ``min(floor(Exp(session_inner_gap_seconds)), session_gap)``,
+      between sessions ``session_gap + 1 + floor(Exp(session_break_seconds))``.
+    * Without sessions the units are single behaviours, drawn as in the plain generator (interest item with
+      probability ``interest_focus``, else a globally popular item) with exponential gaps.
+    """
+    n_groups, hmax, k = len(users), cfg.max_history, cfg.interests_per_user
+    pos = np.arange(hmax)
+    if cfg.drift:
+        rotation = rng.integers(0, cfg.drift_phases, size=n_groups)  # [G]
+        pos_phase = np.broadcast_to((pos * cfg.drift_phases) // max(1, hmax), (n_groups, hmax))  # [G, H]
+    else:
+        rotation = np.zeros(n_groups, dtype=np.int64)
+        pos_phase = np.zeros((n_groups, hmax), dtype=np.int64)
+
+    if not cfg.sessions:
+        from_interest = rng.random((n_groups, hmax)) < cfg.interest_focus
+        which = rng.integers(0, k, size=(n_groups, hmax))
+        wanted = _interest_categories(cfg, world, users, pos_phase, rotation, which)
+        u = rng.random((n_groups, hmax))
+        items = np.where(from_interest, world.sample_items(wanted, u), world.sample_items(None, u))
+        gaps = np.floor(rng.exponential(cfg.mean_gap_seconds, size=(n_groups, hmax))).astype(np.int64)
+        start = cfg.start_timestamp + rng.integers(0, _TIME_SPAN_SECONDS, size=n_groups)
+        structure = _Structure(phase=np.ascontiguousarray(pos_phase), rotation=rotation)
+        return items, start[:, None] + np.cumsum(gaps, axis=1), start, structure
+
+    # Sessions: at most H of them per group; session s covers positions [first[s], first[s] + size[s]).
+    sizes = rng.integers(cfg.session_min_behaviors, cfg.session_max_behaviors + 1, size=(n_groups, hmax))
+    first = np.cumsum(sizes, axis=1) - sizes  # [G, S]
+    opened = first < hmax
+    session_start = np.zeros((n_groups, hmax), dtype=bool)
+    session_start[np.nonzero(opened)[0], first[opened]] = True
+    session_index = np.cumsum(session_start, axis=1) - 1  # [G, H]
+    first = np.minimum(first, hmax - 1)  # sessions past the end are never used; keep indices valid
+    session_phase = np.take_along_axis(pos_phase, first, axis=1)  # [G, S]
+    # One theme per session: an interest of its phase, or (noise) the category of a globally popular item.
+    from_interest = rng.random((n_groups, hmax)) < cfg.interest_focus
+    which = rng.integers(0, k, size=(n_groups, hmax))
+    wanted = _interest_categories(cfg, world, users, session_phase, rotation, which)
+    noise = world.item_category[world.sample_items(None, rng.random((n_groups, hmax)))]
+    session_theme = np.where(from_interest, wanted, noise)  # [G, S]
+    theme = np.take_along_axis(session_theme, session_index, axis=1)  # [G, H]
+    items = world.sample_items(theme, rng.random((n_groups, hmax)))
+    inner = np.minimum(
+        np.floor(rng.exponential(cfg.session_inner_gap_seconds, size=(n_groups, hmax))),
+        cfg.session_gap_seconds,
+    ).astype(np.int64)
+    brk = (
+        cfg.session_gap_seconds
+        + 1
+        + np.floor(rng.exponential(cfg.session_break_seconds, size=(n_groups, hmax)))
+    )
+    gaps = np.where(session_start, brk.astype(np.int64), inner)
+    gaps[:, 0] = 0
+    start = cfg.start_timestamp + rng.integers(0, _TIME_SPAN_SECONDS, size=n_groups)
+    structure = _Structure(
+        phase=np.take_along_axis(session_phase, session_index, axis=1),
+        rotation=rotation,
+        session_start=session_start,
+        session_index=session_index,
+        theme=theme,
+        session_theme=session_theme,
+    )
+    return items, start[:, None] + np.cumsum(gaps, axis=1), start, structure
+
+
+def _session_candidates(
+    cfg: GeneratorConfig,
+    structure: _Structure,
+    rng: np.random.Generator,
+    group_of_row: np.ndarray,
+    lengths: np.ndarray,
+) -> np.ndarray:
+    """Interest-candidate categories with sessions on: the theme of a uniformly chosen session of the row's
+    prefix (retargeting), so a candidate matches one, several or none of the recent sessions. With drift, a
+    share ``drift_old_share`` is chosen among the sessions of older phases (when there are any), the rest
+    among the sessions of the current phase (that of the prefix's last session). ``[N]`` int64."""
+    assert structure.session_index is not None and structure.session_theme is not None
+    n_rows, hmax = len(lengths), cfg.max_history
+    last = np.maximum(lengths - 1, 0)
+    n_sessions = structure.session_index[group_of_row, last] + 1  # sessions in the prefix
+    lo = np.zeros(n_rows, dtype=np.int64)
+    hi = n_sessions
+    if cfg.drift:
+        phases = cfg.drift_phases
+        current = structure.phase[group_of_row, last]
+        begin = (current * hmax + phases - 1) // phases  # first position of the current phase
+        # Sessions that started before the current phase (so belong to older phases); 0 in phase 0.
+        n_old = np.where(current > 0, structure.session_index[group_of_row, np.maximum(begin - 1, 0)] + 1, 0)
+        old = (rng.random(n_rows) < cfg.drift_old_share) & (n_old > 0)
+        lo = np.where(old, 0, n_old)
+        hi = np.where(old, n_old, n_sessions)
+    pick = lo + np.floor(rng.random(n_rows) * (hi - lo)).astype(np.int64)
+    return structure.session_theme[group_of_row, np.minimum(pick, hi - 1)]
+
+
+def _session_score(
+    cfg: GeneratorConfig,
+    structure: _Structure,
+    group_of_row: np.ndarray,
+    lengths: np.ndarray,
+    cand_cats: np.ndarray,
+) -> np.ndarray:
+    """Per row, ``min(n, session_click_cap) / session_click_cap`` with ``n`` the number of sessions about the
+    candidate's category among the last ``session_window`` sessions of the row's prefix (0 = all of them).
+    The prefix's last session counts even if the prefix cuts it short."""
+    assert structure.session_start is not None and structure.session_index is not None
+    assert structure.theme is not None
+    hmax = cfg.max_history
+    window = cfg.session_window
+    last = np.maximum(lengths - 1, 0)
+    sidx = structure.session_index[group_of_row]  # [N, H]
+    last_session = sidx[np.arange(len(lengths)), last]  # [N]
+    counted = structure.session_start[group_of_row] & (np.arange(hmax)[None, :] < lengths[:, None])
+    if window > 0:
+        counted &= sidx > (last_session - window)[:, None]
+    counted &= structure.theme[group_of_row] == cand_cats[:, None]
+    n = counted.sum(axis=1)
+    cap = cfg.session_click_cap
+    return np.minimum(n, cap).astype(np.float64) / cap
+
+
 def _generate_chunk(
     cfg: GeneratorConfig, world: World, rng: np.random.Generator, n_groups: int, n_rows: int
 ) -> tuple[pa.Table, dict[str, np.ndarray]]:
     """One chunk: ``n_groups`` sample groups, ``n_rows <= n_groups * samples_per_user`` rows.
+
+    With ``drift`` and ``sessions`` off this is the plain process of the module docstring (and its random
+    draws must stay exactly as they are: the default dataset is byte-identical across versions).
 
     Returns:
         The chunk as a table with :data:`SCHEMA`, and per-table id arrays to count for ``frequencies.npz``
         (``item`` and ``category`` hold history and target ids, ``user``/``age``/``gender`` one per row).
     """
     spu, hmax, k = cfg.samples_per_user, cfg.max_history, cfg.interests_per_user
+    structured = cfg.drift or cfg.sessions
 
     # --- groups: a user and a base behaviour sequence of max_history behaviours ----------------------------
     users = rng.integers(1, cfg.num_users + 1, size=n_groups)  # [G]
     interests = world.user_interests[users]  # [G, k]
-    from_interest = rng.random((n_groups, hmax)) < cfg.interest_focus  # [G, H]
-    which = rng.integers(0, k, size=(n_groups, hmax))  # [G, H]
-    hist_cats_wanted = np.take_along_axis(interests, which, axis=1)  # [G, H]
-    u = rng.random((n_groups, hmax))
-    base_items = np.where(
-        from_interest, world.sample_items(hist_cats_wanted, u), world.sample_items(None, u)
-    )  # [G, H]
-    # Integer gaps so timestamps are exactly non-decreasing after the cumulative sum.
-    gaps = np.floor(rng.exponential(cfg.mean_gap_seconds, size=(n_groups, hmax))).astype(np.int64)
-    start = cfg.start_timestamp + rng.integers(0, _TIME_SPAN_SECONDS, size=n_groups)  # [G]
-    base_ts = start[:, None] + np.cumsum(gaps, axis=1)  # [G, H]
+    structure: _Structure | None = None
+    if structured:
+        base_items, base_ts, start, structure = _structured_groups(cfg, world, rng, users)
+    else:
+        from_interest = rng.random((n_groups, hmax)) < cfg.interest_focus  # [G, H]
+        which = rng.integers(0, k, size=(n_groups, hmax))  # [G, H]
+        hist_cats_wanted = np.take_along_axis(interests, which, axis=1)  # [G, H]
+        u = rng.random((n_groups, hmax))
+        base_items = np.where(
+            from_interest, world.sample_items(hist_cats_wanted, u), world.sample_items(None, u)
+        )  # [G, H]
+        # Integer gaps so timestamps are exactly non-decreasing after the cumulative sum.
+        gaps = np.floor(rng.exponential(cfg.mean_gap_seconds, size=(n_groups, hmax))).astype(np.int64)
+        start = cfg.start_timestamp + rng.integers(0, _TIME_SPAN_SECONDS, size=n_groups)  # [G]
+        base_ts = start[:, None] + np.cumsum(gaps, axis=1)  # [G, H]
 
     # --- rows: a prefix of the group's sequence and a candidate ------------------------------------------
     group_of_row = np.arange(n_rows) // spu  # [N]
     lengths = rng.integers(cfg.min_history, hmax + 1, size=n_rows)  # [N]
     cand_from_interest = rng.random(n_rows) < 0.5
-    cand_cats_wanted = interests[group_of_row, rng.integers(0, k, size=n_rows)]
+    if structure is None:
+        cand_cats_wanted = interests[group_of_row, rng.integers(0, k, size=n_rows)]
+    elif cfg.sessions:
+        cand_cats_wanted = _session_candidates(cfg, structure, rng, group_of_row, lengths)
+        # An empty prefix has no session to retarget: fall back to the user's interests.
+        cand_cats_wanted = np.where(
+            lengths > 0, cand_cats_wanted, interests[group_of_row, rng.integers(0, k, size=n_rows)]
+        )
+    else:
+        # Drift: the row's current phase is that of its last behaviour; a share drift_old_share of the
+        # interest candidates comes from an older phase (uniformly), so "matches an old interest" and
+        # "matches a current one" both occur and only the order of the history tells them apart.
+        which = rng.integers(0, k, size=n_rows)
+        phase = structure.phase[group_of_row, np.maximum(lengths - 1, 0)]
+        old = (rng.random(n_rows) < cfg.drift_old_share) & (phase > 0)
+        older = np.floor(rng.random(n_rows) * phase).astype(np.int64)
+        phase = np.where(old, older, phase)
+        cand_cats_wanted = _interest_categories(
+            cfg, world, users[group_of_row], phase, structure.rotation[group_of_row], which
+        )
     u = rng.random(n_rows)
     cand_items = np.where(
         cand_from_interest, world.sample_items(cand_cats_wanted, u), world.sample_items(None, u)
@@ -352,24 +654,38 @@ def _generate_chunk(
     last_ts = start[group_of_row]  # [N]
     nonempty = lengths > 0
     last_ts[nonempty] = base_ts[group_of_row[nonempty], lengths[nonempty] - 1]
-    target_ts = last_ts + np.floor(rng.exponential(cfg.mean_gap_seconds, size=n_rows)).astype(np.int64)
+    if cfg.sessions:  # the impression belongs to the ongoing session
+        step = np.minimum(
+            np.floor(rng.exponential(cfg.session_inner_gap_seconds, size=n_rows)), cfg.session_gap_seconds
+        )
+    else:
+        step = np.floor(rng.exponential(cfg.mean_gap_seconds, size=n_rows))
+    target_ts = last_ts + step.astype(np.int64)
+    cand_cats = world.item_category[cand_items]
 
-    # --- click probability from the most similar behaviour in the row's prefix -----------------------------
-    # Batched matmul per group avoids materialising [N, H, D]: cand [G, spu, D] @ base^T [G, D, H].
-    cand_vec = np.zeros((n_groups * spu, cfg.latent_dim), dtype=np.float32)
-    cand_vec[:n_rows] = world.item_vectors[cand_items]
-    base_vec = world.item_vectors[base_items]  # [G, H, D]
-    sims = np.matmul(cand_vec.reshape(n_groups, spu, -1), base_vec.transpose(0, 2, 1))  # [G, spu, H]
-    sims = sims.reshape(n_groups * spu, hmax)[:n_rows]  # [N, H]
-    in_prefix = np.arange(hmax)[None, :] < lengths[:, None]  # [N, H]
-    s_max = np.where(in_prefix, sims, -np.inf).max(axis=1, initial=-np.inf)  # [N]
-    # An empty history is "no evidence": similarity 0, as for an unrelated item.
-    s_max = np.where(lengths > 0, s_max, 0.0).astype(np.float64)
+    # --- click score: the most similar behaviour in the prefix (or its recent part), or session matches -----
+    if cfg.sessions:
+        assert structure is not None
+        score = _session_score(cfg, structure, group_of_row, lengths, cand_cats)
+    else:
+        # Batched matmul per group avoids materialising [N, H, D]: cand [G, spu, D] @ base^T [G, D, H].
+        cand_vec = np.zeros((n_groups * spu, cfg.latent_dim), dtype=np.float32)
+        cand_vec[:n_rows] = world.item_vectors[cand_items]
+        base_vec = world.item_vectors[base_items]  # [G, H, D]
+        sims = np.matmul(cand_vec.reshape(n_groups, spu, -1), base_vec.transpose(0, 2, 1))  # [G, spu, H]
+        sims = sims.reshape(n_groups * spu, hmax)[:n_rows]  # [N, H]
+        in_prefix = np.arange(hmax)[None, :] < lengths[:, None]  # [N, H]
+        if cfg.drift:  # only the most recent drift_recent behaviours count
+            in_prefix &= np.arange(hmax)[None, :] >= (lengths - cfg.drift_recent)[:, None]
+        s_max = np.where(in_prefix, sims, -np.inf).max(axis=1, initial=-np.inf)  # [N]
+        # An empty history is "no evidence": similarity 0, as for an unrelated item.
+        score = np.where(lengths > 0, s_max, 0.0).astype(np.float64)
     row_users = users[group_of_row]
     age = world.user_age[row_users]
     gender = world.user_gender[row_users]
+    threshold = cfg.session_click_threshold if cfg.sessions else cfg.click_threshold
     logit = (
-        cfg.click_sharpness * (s_max - cfg.click_threshold)
+        cfg.click_sharpness * (score - threshold)
         + cfg.click_bias
         + world.user_bias[row_users]
         + world.age_effect[age]
@@ -390,7 +706,6 @@ def _generate_chunk(
     hist_items = base_items.reshape(-1)[flat]
     hist_cats = world.item_category[hist_items]
     hist_ts = base_ts.reshape(-1)[flat]
-    cand_cats = world.item_category[cand_items]
     offsets32 = offsets.astype(np.int32)
 
     table = pa.Table.from_arrays(
@@ -545,11 +860,12 @@ def _write_split(
 
 
 def generate_dataset(cfg: GeneratorConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Generate the train and test splits, ``frequencies.npz`` and ``meta.json`` under ``out_dir``.
+    """Generate the train and test splits, ``frequencies.npz``, ``item_features.npz`` and ``meta.json``.
 
     Layout: ``train/part-NNNNN.parquet`` (``cfg.train_samples`` rows, ``cfg.rows_per_file`` per file, row
     groups of ``cfg.row_group_size``), ``test/part-NNNNN.parquet`` (``cfg.test_samples`` rows),
-    ``frequencies.npz`` (int64 id counts over the train split, keyed by table name) and ``meta.json``
+    ``frequencies.npz`` (int64 id counts over the train split, keyed by table name), ``item_features.npz``
+    (:func:`item_feature_tables`: each item's id in every non-item sequence table) and ``meta.json``
     (written last; its presence marks a complete dataset). See ``docs/data_format.md``.
 
     Returns:
@@ -569,6 +885,8 @@ def generate_dataset(cfg: GeneratorConfig, out_dir: str | Path, progress: bool =
         test_rate = _write_split(cfg, world, "test", cfg.test_samples, out, None, bar)
 
     atomic_write_with(out / "frequencies.npz", lambda tmp: np.savez(tmp, **counts), suffix=".npz")
+    features = item_feature_tables(world)
+    atomic_write_with(out / "item_features.npz", lambda tmp: np.savez(tmp, **features), suffix=".npz")
     meta: dict[str, Any] = {
         "tables": sizes,
         "rows": {"train": cfg.train_samples, "test": cfg.test_samples},

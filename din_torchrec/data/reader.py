@@ -20,6 +20,11 @@ Design, and why:
   accumulated into a buffer of about ``shuffle_buffer`` rows (at least one batch), the buffer is permuted,
   full batches are emitted and the remainder carried into the next buffer. The generator is seeded by
   ``(seed, epoch, rank)``: reproducible, different per epoch (:meth:`BehaviorReader.set_epoch`).
+* **Negatives (DIEN).** With a :class:`~din_torchrec.data.negatives.NegativeSampler`, each batch's sequence
+  KJT also holds ``neg_<history column>`` keys (after the usual ones, same lengths as the histories): one
+  negative behaviour per kept history position, never an item of that sample's (truncated) history. They are
+  drawn from their own random stream, seeded by ``(seed, epoch, rank)`` and the sampler's seed, so turning
+  negatives on changes neither the shuffle nor any other part of the batch.
 * **Vectorised.** Validation, most-recent-N truncation, gathers for shuffling and batch assembly are numpy
   operations on arrow offsets/values; there is no Python loop per row.
 """
@@ -38,6 +43,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from din_torchrec.config import FeaturesConfig
 from din_torchrec.data.batch import Batch
+from din_torchrec.data.negatives import NegativeSampler
 from din_torchrec.data.validation import (
     DataError,
     check_equal_lengths,
@@ -213,6 +219,10 @@ class BehaviorReader:
         frequencies: table name -> ``[num_embeddings]`` counts; when given, batches carry ``reg_weights``.
         reg_mode: ``"count"`` or ``"indicator"`` (see ``training.regularization``).
         read_chunk_rows: rows per record batch read from parquet.
+        negatives: when given, every batch's ``sequence_features`` also holds, after the other keys, one key
+            ``negative_column(t.history_column)`` per sequence table ``t``: negatives of the truncated
+            histories (same lengths), from a random stream of ``(seed, epoch, rank)``. No ``reg_weights``
+            are computed for these keys.
 
     Raises:
         DataError: missing path, unreadable file, missing column or wrong column type (from the footers, at
@@ -235,6 +245,7 @@ class BehaviorReader:
         frequencies: dict[str, np.ndarray] | None = None,
         reg_mode: str = "count",
         read_chunk_rows: int = 65536,
+        negatives: NegativeSampler | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
@@ -280,6 +291,17 @@ class BehaviorReader:
                 scalar_int.append(c)
         self._scalar_int_columns = scalar_int
         self._columns = [*scalar_int, *self._list_columns, features.label_column]
+
+        self.negatives = negatives
+        self._neg_keys: list[str] = []
+        if negatives is not None:
+            mine = [(t.name, t.num_embeddings, t.history_column) for t in seq]
+            theirs = [(t.name, t.num_embeddings, t.history_column) for t in negatives.features.sequence]
+            if mine != theirs:
+                raise ValueError(
+                    f"negatives: the sampler's sequence tables {theirs} differ from the reader's {mine}"
+                )
+            self._neg_keys = list(negatives.columns)
 
         self.frequencies = frequencies
         self._seq_tables = {t.target_column: t.name for t in seq} | {t.history_column: t.name for t in seq}
@@ -493,6 +515,9 @@ class BehaviorReader:
         n = self.num_batches()
         b = self.batch_size
         rng = np.random.default_rng([self.seed, self.epoch, self.rank]) if self.shuffle_buffer > 0 else None
+        neg_rng = (
+            self.negatives.generator(self.seed, self.epoch, self.rank) if self.negatives is not None else None
+        )
         emitted = 0
         template: _Rows | None = None
         blocks = self._blocks(rng)
@@ -502,17 +527,17 @@ class BehaviorReader:
                     break  # drop_last: other ranks have fewer full batches, stop with them
                 m = len(rows)
                 if m == b:
-                    yield self._build(rows, np.ones(b, dtype=np.float32))
+                    yield self._build(rows, np.ones(b, dtype=np.float32), neg_rng)
                 elif self.pad_last:
                     valid = np.zeros(b, dtype=np.float32)
                     valid[:m] = 1.0
                     index = np.zeros(b, dtype=np.int64)
                     index[:m] = np.arange(m)
-                    yield self._build(rows.take(index), valid)
+                    yield self._build(rows.take(index), valid, neg_rng)
                 elif self.drop_last:
                     break
                 else:
-                    yield self._build(rows, np.ones(m, dtype=np.float32))
+                    yield self._build(rows, np.ones(m, dtype=np.float32), neg_rng)
                 emitted += 1
                 template = rows.slice(0, 1)
         finally:
@@ -520,13 +545,15 @@ class BehaviorReader:
         while self.pad_last and emitted < n:
             # This rank ran out of rows before the others: whole batches of padding keep the step count equal.
             assert template is not None
-            yield self._build(template.take(np.zeros(b, dtype=np.int64)), np.zeros(b, dtype=np.float32))
+            yield self._build(
+                template.take(np.zeros(b, dtype=np.int64)), np.zeros(b, dtype=np.float32), neg_rng
+            )
             emitted += 1
 
     # ------------------------------------------------------------------------------------------- assembly
 
-    def _build(self, rows: _Rows, valid: np.ndarray) -> Batch:
-        """A :class:`Batch` from B rows; ``valid`` is ``[B]`` float32."""
+    def _build(self, rows: _Rows, valid: np.ndarray, neg_rng: np.random.Generator | None = None) -> Batch:
+        """A :class:`Batch` from B rows; ``valid`` is ``[B]`` float32; ``neg_rng`` draws the negatives."""
         f = self.features
         bsz = len(rows)
         lengths = rows.lengths
@@ -534,17 +561,23 @@ class BehaviorReader:
         seq = f.sequence
         ones = np.ones(bsz, dtype=np.int64)
 
-        seq_values = np.concatenate(
-            [rows.dense[t.target_column] for t in seq] + [rows.jagged[t.history_column] for t in seq]
-        )
-        seq_lengths = np.concatenate([ones] * len(seq) + [lengths] * len(seq))
+        seq_parts = [rows.dense[t.target_column] for t in seq] + [rows.jagged[t.history_column] for t in seq]
+        n_hist_keys = len(seq)
+        if self.negatives is not None:
+            assert neg_rng is not None
+            item_hist = rows.jagged[seq[0].history_column]
+            neg = self.negatives.sample(item_hist, lengths, neg_rng)
+            seq_parts += [neg[k] for k in self._neg_keys]
+            n_hist_keys += len(self._neg_keys)
+        seq_values = np.concatenate(seq_parts)
+        seq_lengths = np.concatenate([ones] * len(seq) + [lengths] * n_hist_keys)
         # Passing stride and length_per_key (both known here) spares torchrec a pass over the lengths.
         sequence_features = KeyedJaggedTensor(
-            keys=list(self._seq_keys),
+            keys=[*self._seq_keys, *self._neg_keys],
             values=torch.from_numpy(seq_values),
             lengths=torch.from_numpy(seq_lengths),
             stride=bsz,
-            length_per_key=[bsz] * len(seq) + [n_hist] * len(seq),
+            length_per_key=[bsz] * len(seq) + [n_hist] * n_hist_keys,
         )
         if self._prof_keys:
             prof_values = np.concatenate([rows.dense[c] for c in self._prof_keys])

@@ -11,16 +11,19 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from din_torchrec.config import FeaturesConfig
+from din_torchrec.data.negatives import negative_column
 
 
-def sequence_table_configs(features: FeaturesConfig) -> list[EmbeddingConfig]:
-    """One ``EmbeddingConfig`` per sequence table, serving its candidate and its history feature."""
+def sequence_table_configs(features: FeaturesConfig, with_negatives: bool = False) -> list[EmbeddingConfig]:
+    """One ``EmbeddingConfig`` per sequence table, serving its candidate and its history feature (and the
+    negative behaviours of DIEN's auxiliary loss when ``with_negatives``)."""
     return [
         EmbeddingConfig(
             name=t.name,
             embedding_dim=features.embedding_dim,
             num_embeddings=t.num_embeddings,
-            feature_names=[t.target_column, t.history_column],
+            feature_names=[t.target_column, t.history_column]
+            + ([negative_column(t.history_column)] if with_negatives else []),
         )
         for t in features.sequence
     ]
@@ -41,10 +44,10 @@ def profile_table_configs(features: FeaturesConfig) -> list[EmbeddingBagConfig]:
 
 
 def build_sequence_collection(
-    features: FeaturesConfig, device: torch.device | None = None
+    features: FeaturesConfig, device: torch.device | None = None, with_negatives: bool = False
 ) -> EmbeddingCollection:
     """``EmbeddingCollection`` (per-position lookups) for the candidate and behaviour ids."""
-    return EmbeddingCollection(tables=sequence_table_configs(features), device=device)
+    return EmbeddingCollection(tables=sequence_table_configs(features, with_negatives), device=device)
 
 
 def build_profile_collection(

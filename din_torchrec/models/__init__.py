@@ -6,10 +6,12 @@ import torch
 
 from din_torchrec.config import ExperimentConfig
 from din_torchrec.models.base import BaseModel, SequenceCTRModel
+from din_torchrec.models.dien import DIEN
 from din_torchrec.models.din import DIN
+from din_torchrec.models.dsin import DSIN
 from din_torchrec.models.output import ModelOutput
 
-MODELS: dict[str, type[SequenceCTRModel]] = {"base": BaseModel, "din": DIN}
+MODELS: dict[str, type[SequenceCTRModel]] = {"base": BaseModel, "din": DIN, "dien": DIEN, "dsin": DSIN}
 
 
 def build_model(cfg: ExperimentConfig, device: torch.device | None = None) -> SequenceCTRModel:
@@ -21,4 +23,4 @@ def build_model(cfg: ExperimentConfig, device: torch.device | None = None) -> Se
     return cls(cfg.features, cfg.model, device=device)
 
 
-__all__ = ["MODELS", "BaseModel", "DIN", "ModelOutput", "SequenceCTRModel", "build_model"]
+__all__ = ["DIEN", "DIN", "DSIN", "MODELS", "BaseModel", "ModelOutput", "SequenceCTRModel", "build_model"]

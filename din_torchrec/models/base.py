@@ -9,6 +9,7 @@ from torch import nn
 
 from din_torchrec.config import FeaturesConfig, ModelConfig
 from din_torchrec.data.batch import Batch
+from din_torchrec.data.negatives import negative_column
 from din_torchrec.embeddings.tables import build_profile_collection, build_sequence_collection
 from din_torchrec.models.output import ModelOutput
 from din_torchrec.modules.attention import segment_ids
@@ -25,6 +26,8 @@ class EmbeddedBatch:
         lengths: ``[B]`` history length per sample.
         profile: ``[B, P]`` pooled profile embeddings, or None.
         rows: feature name -> looked-up rows, for the regularizer.
+        timestamps: ``[N]`` unix seconds of the behaviours.
+        negatives: ``[N, S]`` one negative behaviour per history position (DIEN's auxiliary loss), or None.
     """
 
     candidates: torch.Tensor
@@ -32,6 +35,24 @@ class EmbeddedBatch:
     lengths: torch.Tensor
     profile: torch.Tensor | None
     rows: dict[str, torch.Tensor]
+    timestamps: torch.Tensor
+    negatives: torch.Tensor | None = None
+
+
+@dataclass
+class Interaction:
+    """What an interaction module gives the top MLP.
+
+    Attributes:
+        interest: ``[B, U]`` user interest vector.
+        attention: model-specific attention weights for inspection (DIN/DIEN: ``[N]`` per behaviour or
+            step; DSIN: ``[B, K]`` per session), or None.
+        aux_loss: scalar added to the training loss (DIEN), or None.
+    """
+
+    interest: torch.Tensor
+    attention: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 class SequenceCTRModel(nn.Module):
@@ -41,6 +62,9 @@ class SequenceCTRModel(nn.Module):
     interest vector (and optionally per-behaviour attention weights). The top MLP sees
     ``[profile, candidate, interest]``.
     """
+
+    #: Whether the batch must carry negative behaviours (``neg_<history_column>`` keys).
+    uses_negatives: bool = False
 
     def __init__(
         self,
@@ -52,7 +76,9 @@ class SequenceCTRModel(nn.Module):
         super().__init__()
         self.features = features
         self.model_config = model
-        self.sequence_embeddings = build_sequence_collection(features, device)
+        self.sequence_embeddings = build_sequence_collection(
+            features, device, with_negatives=self.uses_negatives
+        )
         self.profile_embeddings = build_profile_collection(features, device)
         self.behaviour_width = features.embedding_dim * len(features.sequence)
         self.profile_width = sum(p.embedding_dim or features.embedding_dim for p in features.profile)
@@ -71,6 +97,10 @@ class SequenceCTRModel(nn.Module):
             cands.append(cand)
             hists.append(hist)
         lengths = seq[self.features.sequence[0].history_column].lengths()
+        negatives = None
+        if self.uses_negatives:
+            negs = [seq[negative_column(t.history_column)].values() for t in self.features.sequence]
+            negatives = torch.cat(negs, dim=-1) if len(negs) > 1 else negs[0]
         profile = None
         if self.profile_embeddings is not None:
             kt = self.profile_embeddings(batch.profile_features)
@@ -83,17 +113,23 @@ class SequenceCTRModel(nn.Module):
             lengths=lengths,
             profile=profile,
             rows=rows,
+            timestamps=batch.hist_timestamps,
+            negatives=negatives,
         )
 
-    def interact(self, emb: EmbeddedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def interact(self, emb: EmbeddedBatch) -> Interaction:
         raise NotImplementedError
 
     def forward(self, batch: Batch) -> ModelOutput:
         emb = self.embed(batch)
-        interest, attention = self.interact(emb)
-        parts = [emb.candidates, interest] if emb.profile is None else [emb.profile, emb.candidates, interest]
+        inter = self.interact(emb)
+        parts = [emb.candidates, inter.interest]
+        if emb.profile is not None:
+            parts.insert(0, emb.profile)
         logits = self.top(torch.cat(parts, dim=-1)).squeeze(-1)
-        return ModelOutput(logits=logits, attention=attention, embeddings=emb.rows)
+        return ModelOutput(
+            logits=logits, aux_loss=inter.aux_loss, attention=inter.attention, embeddings=emb.rows
+        )
 
 
 class BaseModel(SequenceCTRModel):
@@ -109,6 +145,6 @@ class BaseModel(SequenceCTRModel):
             features, model, interest_width=features.embedding_dim * len(features.sequence), device=device
         )
 
-    def interact(self, emb: EmbeddedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def interact(self, emb: EmbeddedBatch) -> Interaction:
         pooled = torch.zeros_like(emb.candidates).index_add(0, segment_ids(emb.lengths), emb.behaviours)
-        return pooled, None
+        return Interaction(pooled)

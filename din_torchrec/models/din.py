@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from din_torchrec.config import FeaturesConfig, ModelConfig
-from din_torchrec.models.base import EmbeddedBatch, SequenceCTRModel
+from din_torchrec.models.base import EmbeddedBatch, Interaction, SequenceCTRModel
 from din_torchrec.modules.attention import TargetAttentionPooling
 
 
@@ -29,5 +29,6 @@ class DIN(SequenceCTRModel):
             model.dice_momentum,
         )
 
-    def interact(self, emb: EmbeddedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.attention(emb.behaviours, emb.lengths, emb.candidates)
+    def interact(self, emb: EmbeddedBatch) -> Interaction:
+        pooled, weights = self.attention(emb.behaviours, emb.lengths, emb.candidates)
+        return Interaction(pooled, attention=weights)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from din_torchrec.config import ExperimentConfig, dump_config, to_dict
 from din_torchrec.data.batch import Batch
+from din_torchrec.data.negatives import NegativeSampler, load_item_features
 from din_torchrec.data.reader import BehaviorReader, load_frequencies
 from din_torchrec.distributed.env import DistEnv, init_distributed
 from din_torchrec.distributed.sharding import dense_optimizer, describe_plan, shard_model
@@ -69,26 +71,59 @@ class TrainState:
 
 
 def compute_loss(
-    out: ModelOutput, batch: Batch, cfg: ExperimentConfig, world_size: int
+    out: ModelOutput, batch: Batch, cfg: ExperimentConfig, world_size: int, accumulation: int = 1
 ) -> tuple[torch.Tensor, StepLoss]:
-    """BCE + auxiliary loss + mini-batch-aware regularization.
+    """Click loss + auxiliary loss + mini-batch-aware regularization, scaled for backward.
 
-    The regularizer is multiplied by the world size: gradients are averaged over ranks, and the penalty of
-    the global mini-batch is the *sum* of the ranks' penalties (the BCE term is a mean, which averaging keeps).
+    The click and auxiliary terms are per-sample means; the regularizer is a sum over the batch. With
+    gradients averaged over ``world_size`` ranks and accumulated over ``accumulation`` micro-batches, the
+    means are divided by ``accumulation`` and the sum is multiplied by ``world_size``, so the update equals
+    that of one global batch of ``world_size * accumulation`` micro-batches.
     """
-    click = click_loss(out.logits, batch.labels, batch.valid, cfg.training.loss)
-    total = click
+    t = cfg.training
+    click = click_loss(
+        out.logits, batch.labels, batch.valid, t.loss, t.focal_alpha, t.focal_gamma, t.label_smoothing
+    )
+    means = click
     reg_value = 0.0
     aux_value = 0.0
-    reg_cfg = cfg.training.regularization
-    if reg_cfg.coefficient > 0 and batch.reg_weights:
-        reg = reg_cfg.coefficient * world_size * mba_penalty(out.embeddings, batch.reg_weights)
-        total = total + reg
-        reg_value = float(reg.detach())
     if out.aux_loss is not None:
-        total = total + out.aux_loss
+        means = means + out.aux_loss
         aux_value = float(out.aux_loss.detach())
-    return total, StepLoss(float(total.detach()), float(click.detach()), reg_value, aux_value)
+    total = means / accumulation if accumulation > 1 else means
+    reg_cfg = t.regularization
+    if reg_cfg.coefficient > 0 and batch.reg_weights:
+        reg = reg_cfg.coefficient * mba_penalty(out.embeddings, batch.reg_weights)
+        total = total + world_size * reg
+        reg_value = float(reg.detach())
+    logged = float(means.detach()) + reg_value
+    return total, StepLoss(logged, float(click.detach()), reg_value, aux_value)
+
+
+def needs_negatives(cfg: ExperimentConfig) -> bool:
+    """Whether the model's batches carry negative behaviours (DIEN with its auxiliary loss)."""
+    return cfg.model.name == "dien" and cfg.model.dien.aux_loss_weight > 0
+
+
+def make_negative_sampler(
+    cfg: ExperimentConfig, frequencies: dict[str, np.ndarray] | None, seed_offset: int = 0
+) -> NegativeSampler | None:
+    """DIEN's negative sampler, or None when the model needs no negatives."""
+    if not needs_negatives(cfg):
+        return None
+    dien = cfg.model.dien
+    item_features = load_item_features(cfg.data.resolve(dien.item_features_path), cfg.features)
+    item_freq = None
+    if dien.negative_sampling == "popularity":
+        freq = frequencies or load_frequencies(cfg.data.resolve(cfg.data.frequency_path), cfg.features)
+        item_freq = freq[cfg.features.sequence[0].name]
+    return NegativeSampler(
+        cfg.features,
+        item_features,
+        dien.negative_sampling,
+        item_frequencies=item_freq,
+        seed=cfg.training.seed + seed_offset,
+    )
 
 
 def make_reader(
@@ -96,6 +131,7 @@ def make_reader(
 ) -> BehaviorReader:
     """The reader of ``split`` (``train`` or ``eval``) for this rank."""
     d = cfg.data
+    negatives = make_negative_sampler(cfg, frequencies, seed_offset=0 if split == "train" else 1)
     if split == "train":
         return BehaviorReader(
             d.resolve(d.train_path),
@@ -110,6 +146,7 @@ def make_reader(
             frequencies=frequencies,
             reg_mode=cfg.training.regularization.mode,
             read_chunk_rows=d.read_chunk_rows,
+            negatives=negatives,
         )
     return BehaviorReader(
         d.resolve(d.eval_path),
@@ -123,6 +160,7 @@ def make_reader(
         drop_last=False,
         pad_last=True,
         read_chunk_rows=d.read_chunk_rows,
+        negatives=negatives,
     )
 
 
@@ -160,6 +198,42 @@ def evaluate(
     return ctr_metrics(local[0][keep], local[1][keep], local[2][keep].long())
 
 
+def _autocast(cfg: ExperimentConfig, device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """bf16 autocast of the dense part when ``training.precision`` is bf16 (CPU or GPU)."""
+    if cfg.training.precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_micro_step(
+    model: nn.Module,
+    dense_opt: torch.optim.Optimizer,
+    dense_params: list[torch.Tensor],
+    batch: Batch,
+    cfg: ExperimentConfig,
+    env: DistEnv,
+    micro_step: int = 0,
+) -> StepLoss:
+    """Forward and backward of one micro-batch; the dense optimizer steps every
+    ``training.grad_accumulation_steps`` micro-batches (dense gradients accumulate in between). Embedding
+    rows are updated by their fused optimizer inside every backward: they never hold a gradient to
+    accumulate."""
+    t = cfg.training
+    k = t.grad_accumulation_steps
+    batch = batch.to(env.device)
+    if micro_step % k == 0:
+        dense_opt.zero_grad()
+    with _autocast(cfg, env.device):
+        out = model(batch)
+    loss, parts = compute_loss(out, batch, cfg, env.world_size, k)
+    loss.backward()  # sparse tables are updated here, by the fused optimizer
+    if micro_step % k == k - 1:
+        if t.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(dense_params, t.grad_clip_norm)
+        dense_opt.step()
+    return parts
+
+
 class Trainer:
     """Builds the sharded model, runs epochs, evaluates, and writes metrics, curve and checkpoint.
 
@@ -187,16 +261,10 @@ class Trainer:
         if self.env.is_main:
             tqdm.write(msg)
 
-    def train_step(self, batch: Batch) -> StepLoss:
-        batch = batch.to(self.env.device)
-        out = self.model(batch)
-        loss, parts = compute_loss(out, batch, self.cfg, self.env.world_size)
-        self.dense_opt.zero_grad()
-        loss.backward()  # sparse tables are updated here, by the fused optimizer
-        if self.cfg.training.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.dense_params, self.cfg.training.grad_clip_norm)
-        self.dense_opt.step()
-        return parts
+    def train_step(self, batch: Batch, micro_step: int = 0) -> StepLoss:
+        return train_micro_step(
+            self.model, self.dense_opt, self.dense_params, batch, self.cfg, self.env, micro_step
+        )
 
     def fit(self) -> dict[str, Any]:
         cfg, env = self.cfg, self.env
@@ -207,6 +275,9 @@ class Trainer:
         steps_per_epoch = len(self.train_reader)
         if cfg.training.max_steps_per_epoch > 0:
             steps_per_epoch = min(steps_per_epoch, cfg.training.max_steps_per_epoch)
+        k = cfg.training.grad_accumulation_steps
+        if steps_per_epoch >= k:
+            steps_per_epoch -= steps_per_epoch % k  # every epoch ends on an optimizer step
         global_batch = cfg.data.batch_size * env.world_size
         self._log(
             f"training {cfg.model.name}: {steps_per_epoch} steps/epoch x {cfg.training.epochs} epochs, "
@@ -231,7 +302,7 @@ class Trainer:
             for i, batch in enumerate(self.train_reader):
                 if i >= steps_per_epoch:
                     break
-                parts = self.train_step(batch)
+                parts = self.train_step(batch, i)
                 if not math.isfinite(parts.total):
                     raise FloatingPointError(
                         f"loss became {parts.total} at step {self.state.step} (epoch {epoch})"

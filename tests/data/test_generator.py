@@ -1,12 +1,14 @@
 """Tests of the synthetic behaviour-log generator (``din_torchrec.data.generator``).
 
 One small dataset is generated per module (3k users, 20k train + 5k test rows, several files per split) and
-shared by the read-only tests; tests that need another configuration generate their own, small one.
+shared by the read-only tests; tests that need another configuration generate their own, small one. The
+drift, sessions and drift + sessions variants of it get one module-scoped dataset each.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from din_torchrec.data.generator import (
     build_world,
     generate_dataset,
     item_categories,
+    item_feature_tables,
     item_latent_vectors,
     validate_generator_config,
 )
@@ -35,6 +38,12 @@ SMALL = GeneratorConfig(
     row_group_size=3_000,
     seed=7,
 )
+
+# The same world with each of the two planted signals, and with both (small test splits: the statistical
+# checks use the train split).
+DRIFT = dataclasses.replace(SMALL, drift=True, test_samples=2_000)
+SESSIONS = dataclasses.replace(SMALL, sessions=True, test_samples=2_000)
+BOTH = dataclasses.replace(SMALL, drift=True, sessions=True, test_samples=2_000)
 
 # Written out rather than imported from the module, so a change of the module's schema fails here.
 EXPECTED_SCHEMA = pa.schema(
@@ -99,6 +108,126 @@ def similarity_features(cfg: GeneratorConfig, table: pa.Table) -> tuple[np.ndarr
     s_max[lengths == 0] = 0.0
     s_mean = np.bincount(row, weights=sim, minlength=len(cand)) / np.maximum(lengths, 1)
     return s_max, s_mean
+
+
+def recent_max_similarity(cfg: GeneratorConfig, table: pa.Table, m: int) -> np.ndarray:
+    """Per row, the candidate's latent similarity to its most similar behaviour among the last ``m`` (0 for an
+    empty history). ``[N]``."""
+    vectors = item_latent_vectors(cfg)
+    offsets, hist = flat(table, "hist_item_ids")
+    cand = table.column("target_item_id").to_numpy()
+    lengths = np.diff(offsets)
+    row = np.repeat(np.arange(len(cand)), lengths)
+    recent = np.arange(len(hist)) - offsets[row] >= lengths[row] - m
+    sim = np.einsum("td,td->t", vectors[hist[recent]], vectors[cand[row[recent]]]).astype(np.float64)
+    out = np.full(len(cand), -np.inf)
+    np.maximum.at(out, row[recent], sim)
+    out[lengths == 0] = 0.0
+    return out
+
+
+def flat_features(cfg: GeneratorConfig, table: pa.Table) -> dict[str, np.ndarray]:
+    """Order-blind behaviour-level features (what flat target attention over the history can compute): max and
+    mean latent similarity, and count and share of behaviours in the candidate's category. ``name -> [N]``."""
+    s_max, s_mean = similarity_features(cfg, table)
+    offsets, hist_c = flat(table, "hist_cate_ids")
+    cand_c = table.column("target_cate_id").to_numpy()
+    lengths = np.diff(offsets)
+    row = np.repeat(np.arange(len(cand_c)), lengths)
+    count = np.bincount(row, weights=hist_c == cand_c[row], minlength=len(cand_c))
+    return {"max_sim": s_max, "mean_sim": s_mean, "count": count, "share": count / np.maximum(lengths, 1)}
+
+
+def split_sessions(table: pa.Table, gap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut every history into sessions wherever the gap between two behaviours exceeds ``gap`` (DSIN's rule).
+
+    Returns ``(starts [S], row_of_session [S], session_of_behaviour [T])``: the flat index of each session's
+    first behaviour, its row, and the session of every behaviour (sessions numbered across all rows).
+    """
+    offsets, ts = flat(table, "hist_timestamps")
+    lengths = np.diff(offsets)
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    new = np.ones(len(ts), dtype=bool)
+    new[1:] = (row[1:] != row[:-1]) | (np.diff(ts) > gap)
+    starts = np.flatnonzero(new)
+    return starts, row[starts], np.cumsum(new) - 1
+
+
+def session_match_counts(table: pa.Table, gap: int, window: int) -> np.ndarray:
+    """Per row, the number of sessions holding a behaviour of the candidate's category among the row's last
+    ``window`` sessions (0 = all sessions). ``[N]``."""
+    offsets, hist_c = flat(table, "hist_cate_ids")
+    cand_c = table.column("target_cate_id").to_numpy()
+    n_rows = len(cand_c)
+    starts, sess_row, sess_of = split_sessions(table, gap)
+    row = np.repeat(np.arange(n_rows), np.diff(offsets))
+    matched = np.bincount(sess_of, weights=hist_c == cand_c[row], minlength=len(starts)) > 0
+    per_row = np.bincount(sess_row, minlength=n_rows)
+    rank = np.arange(len(starts)) - (np.cumsum(per_row) - per_row)[sess_row]  # 0 = the row's oldest session
+    if window > 0:
+        matched &= rank >= per_row[sess_row] - window
+    return np.bincount(sess_row, weights=matched, minlength=n_rows)
+
+
+def profile_logit(cfg: GeneratorConfig, table: pa.Table) -> np.ndarray:
+    """``click_bias + user_bias + age_effect + gender_effect`` per row (the part of the logit outside the
+    history). ``[N]``."""
+    world = build_world(cfg)
+    return (
+        cfg.click_bias
+        + world.user_bias[table.column("user_id").to_numpy()]
+        + world.age_effect[table.column("user_age").to_numpy()]
+        + world.gender_effect[table.column("user_gender").to_numpy()]
+    )
+
+
+def check_item_features(out: Path, cfg: GeneratorConfig, tables: list[pa.Table]) -> None:
+    """``item_features.npz`` holds ``category [num_items + 1]`` int64 and agrees with every written pair."""
+    with np.load(out / "item_features.npz") as npz:
+        features = {k: npz[k] for k in npz.files}
+    assert set(features) == {"category"}, (
+        f"item_features.npz keys must be the non-item sequence tables, got {sorted(features)}"
+    )
+    cats = features["category"]
+    assert cats.dtype == np.int64 and cats.shape == (cfg.num_items + 1,), (
+        f"category: {cats.dtype} {cats.shape}"
+    )
+    assert cats[0] == 0, "index 0 is the reserved item id: category 0"
+    assert cats[1:].min() >= 1 and cats[1:].max() <= cfg.num_categories, (
+        "item categories in 1..num_categories"
+    )
+    np.testing.assert_array_equal(cats, item_categories(cfg))
+    for table in tables:
+        _, hist = flat(table, "hist_item_ids")
+        _, hist_c = flat(table, "hist_cate_ids")
+        assert np.array_equal(cats[hist], hist_c), (
+            "a (hist_item, hist_cate) pair disagrees with item_features"
+        )
+        target = table.column("target_item_id").to_numpy()
+        assert np.array_equal(cats[target], table.column("target_cate_id").to_numpy()), (
+            "a (target_item, target_cate) pair disagrees with item_features"
+        )
+
+
+def generate_variant(tmp_path_factory: pytest.TempPathFactory, cfg: GeneratorConfig) -> tuple[Path, pa.Table]:
+    out = tmp_path_factory.mktemp("gen") / "data"
+    generate_dataset(cfg, out, progress=False)
+    return out, read_split(out, "train")
+
+
+@pytest.fixture(scope="module")
+def drift_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pa.Table]:
+    return generate_variant(tmp_path_factory, DRIFT)
+
+
+@pytest.fixture(scope="module")
+def sessions_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pa.Table]:
+    return generate_variant(tmp_path_factory, SESSIONS)
+
+
+@pytest.fixture(scope="module")
+def both_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pa.Table]:
+    return generate_variant(tmp_path_factory, BOTH)
 
 
 @pytest.fixture(scope="module")
@@ -329,6 +458,16 @@ def test_invalid_config_is_rejected() -> None:
         validate_generator_config(dataclasses.replace(SMALL, min_history=5, max_history=2))
     with pytest.raises(ValueError, match="interests_per_user"):
         validate_generator_config(dataclasses.replace(SMALL, interests_per_user=51))
+    with pytest.raises(ValueError, match="drift_phases"):
+        validate_generator_config(dataclasses.replace(DRIFT, drift_phases=17))  # 17 x 3 > 50 categories
+    with pytest.raises(ValueError, match="session_max_behaviors"):
+        validate_generator_config(
+            dataclasses.replace(SESSIONS, session_min_behaviors=5, session_max_behaviors=4)
+        )
+    with pytest.raises(ValueError, match="max_history"):
+        validate_generator_config(dataclasses.replace(SESSIONS, min_history=0, max_history=0))
+    # The signal knobs are only checked when their signal is on.
+    validate_generator_config(dataclasses.replace(SMALL, drift_phases=17, session_max_behaviors=0))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -410,3 +549,197 @@ def test_popularity_and_category_sizes_are_skewed() -> None:
     assert pop[:50].sum() > 0.2 * pop.sum(), "item popularity must be heavy-headed (Zipf)"
     norms = np.linalg.norm(world.item_vectors[1:], axis=1)
     np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------
+# item_features.npz and the pinned default process
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_item_features_npz(dataset: tuple[Path, dict], train: pa.Table, test_split: pa.Table) -> None:
+    check_item_features(dataset[0], SMALL, [train, test_split])
+    assert set(item_feature_tables(build_world(SMALL))) == {"category"}
+
+
+def test_default_process_is_pinned(train: pa.Table, test_split: pa.Table) -> None:
+    # The drift and session switches must not touch the default process: other tests and saved datasets rely
+    # on it. Digest of the integer columns of SMALL, taken before the switches existed (the float columns
+    # depend on the BLAS build in their last bits, so they are left out). If this fails after a deliberate
+    # change of the default process, update the digests and say so in the change.
+    expected = {"train": "b4a6dd8595fe5f48", "test": "109ca096267b04b5"}
+    for split, table in (("train", train), ("test", test_split)):
+        h = hashlib.sha256()
+        for column in ("user_id", "hist_item_ids", "hist_timestamps", "target_item_id", "target_timestamp"):
+            arr = table.column(column).combine_chunks()
+            if pa.types.is_list(arr.type):
+                h.update(arr.offsets.to_numpy().astype(np.int64).tobytes())
+                arr = arr.values
+            h.update(np.ascontiguousarray(arr.to_numpy()).astype(np.int64).tobytes())
+        assert h.hexdigest()[:16] == expected[split], f"{split}: the default generation process changed"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Signals: interest drift (DIEN) and sessions (DSIN)
+# --------------------------------------------------------------------------------------------------------
+
+
+def check_session_structure(cfg: GeneratorConfig, table: pa.Table) -> None:
+    """Sessions cut at gaps > session_gap are the generator's: sizes in range, one theme each, small gaps
+    inside (<= session_gap), hours between (> session_gap), and the target inside the ongoing session."""
+    gap = cfg.session_gap_seconds
+    starts, sess_row, sess_of = split_sessions(table, gap)
+    offsets, ts = flat(table, "hist_timestamps")
+    _, hist_c = flat(table, "hist_cate_ids")
+    lengths = np.diff(offsets)
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    steps = np.diff(ts)
+    same_row = row[1:] == row[:-1]
+    inner = same_row & (sess_of[1:] == sess_of[:-1])
+    between = same_row & ~inner
+    assert (steps[inner] >= 0).all() and (steps[inner] <= gap).all(), "in-session gaps must be in [0, gap]"
+    assert (steps[between] > gap).all(), "gaps between sessions must exceed session_gap_seconds"
+    # Seconds to minutes inside (mean session_inner_gap_seconds), hours to days between (gap + 12 h mean).
+    assert np.median(steps[inner]) < 600, f"median in-session gap {np.median(steps[inner])} s"
+    assert np.median(steps[between]) > 3 * 3600, f"median gap between sessions {np.median(steps[between])} s"
+    sizes = np.diff(np.append(starts, len(ts)))
+    last_of_row = np.append(sess_row[1:] != sess_row[:-1], True)
+    assert sizes.max() <= cfg.session_max_behaviors, f"a session of {sizes.max()} behaviours"
+    # Prefixes start at a session start, so only a row's last session can be cut short.
+    assert sizes[~last_of_row].min() >= cfg.session_min_behaviors, "a complete session is too short"
+    single = np.minimum.reduceat(hist_c, starts) == np.maximum.reduceat(hist_c, starts)
+    assert single.all(), f"{(~single).sum()} sessions mix categories: every session must have one theme"
+    per_row = np.bincount(sess_row, minlength=len(lengths))
+    assert per_row[lengths == cfg.max_history].mean() >= 4, "full histories must span several sessions"
+    nonempty = lengths > 0
+    step = table.column("target_timestamp").to_numpy()[nonempty] - ts[offsets[1:][nonempty] - 1]
+    assert (step >= 0).all() and (step <= gap).all(), "the impression must fall in the ongoing session"
+
+
+@pytest.mark.parametrize("name", ["drift", "sessions", "both"])
+def test_signal_variants_keep_the_format(name: str, request: pytest.FixtureRequest) -> None:
+    cfg = {"drift": DRIFT, "sessions": SESSIONS, "both": BOTH}[name]
+    out, train_v = request.getfixturevalue(f"{name}_data")
+    test_v = read_split(out, "test")
+    for table in (train_v, test_v):
+        assert table.schema.equals(EXPECTED_SCHEMA, check_metadata=False), f"{name}: schema"
+        off_i, _ = flat(table, "hist_item_ids")
+        off_t, ts = flat(table, "hist_timestamps")
+        assert np.array_equal(off_i, off_t), f"{name}: hist lists must align"
+        lengths = np.diff(off_t)
+        row = np.repeat(np.arange(len(lengths)), lengths)
+        assert (np.diff(ts)[row[1:] == row[:-1]] >= 0).all(), f"{name}: history timestamps must be sorted"
+        nonempty = lengths > 0
+        target_ts = table.column("target_timestamp").to_numpy()[nonempty]
+        assert (target_ts >= ts[off_t[1:][nonempty] - 1]).all(), f"{name}: target before the last behaviour"
+        prob = table.column("click_prob").to_numpy()
+        assert (prob > 0).all() and (prob < 1).all(), f"{name}: click_prob must be in (0, 1)"
+    check_item_features(out, cfg, [train_v, test_v])
+    rate = float(train_v.column("label").to_numpy().mean())
+    assert 0.12 <= rate <= 0.45, f"{name}: click rate {rate:.3f}"  # measured 0.20..0.31
+
+
+def test_drift_world_adds_disjoint_interest_phases() -> None:
+    plain, drift = build_world(SMALL), build_world(DRIFT)
+    # Drift draws from a stream of its own: the catalogue and the users are those of the plain world.
+    np.testing.assert_array_equal(drift.item_category, plain.item_category)
+    np.testing.assert_array_equal(drift.item_vectors, plain.item_vectors)
+    np.testing.assert_array_equal(drift.user_interests, plain.user_interests)
+    assert plain.user_interest_phases is None
+    phases = drift.user_interest_phases
+    assert phases is not None and phases.shape == (SMALL.num_users + 1, 3, SMALL.interests_per_user)
+    flat_sets = np.sort(phases[1:].reshape(SMALL.num_users, -1), axis=1)
+    assert (np.diff(flat_sets, axis=1) > 0).all(), "a user's interest sets must be disjoint"
+    assert flat_sets.min() >= 1 and flat_sets.max() <= SMALL.num_categories
+
+
+def test_drift_click_prob_follows_recent_max_model(drift_data: tuple[Path, pa.Table]) -> None:
+    _, table = drift_data
+    score = recent_max_similarity(DRIFT, table, DRIFT.drift_recent)
+    logit = DRIFT.click_sharpness * (score - DRIFT.click_threshold) + profile_logit(DRIFT, table)
+    np.testing.assert_allclose(table.column("click_prob").to_numpy(), 1.0 / (1.0 + np.exp(-logit)), atol=2e-5)
+
+
+def test_drift_interests_shift_along_the_history(drift_data: tuple[Path, pa.Table], train: pa.Table) -> None:
+    # Long histories: the share of the last 10 behaviours whose category occurs among the first 10. Measured
+    # 0.13 with drift (only noise behaviours link the phases), 0.83 without.
+    def overlap(table: pa.Table) -> float:
+        offsets, hist_c = flat(table, "hist_cate_ids")
+        ends = offsets[1:][np.diff(offsets) >= 45]
+        first = hist_c[(ends - 45)[:, None] + np.arange(10)]
+        last = hist_c[(ends - 10)[:, None] + np.arange(10)]
+        return float((last[:, :, None] == first[:, None, :]).any(axis=2).mean())
+
+    on, off = overlap(drift_data[1]), overlap(train)
+    assert on < 0.3 and off > 0.6, f"old/recent category overlap {on:.2f} with drift, {off:.2f} without"
+
+
+def test_drift_recent_similarity_beats_whole_history(
+    drift_data: tuple[Path, pa.Table], train: pa.Table
+) -> None:
+    # DIEN's premise: with drift, the most similar of the *recent* behaviours predicts the click and the most
+    # similar of all (what order-blind attention sees) clearly less; without drift it is the other way round.
+    # Measured on 20k rows, seeds 7..12: gap +0.10..+0.12 with drift, -0.035..-0.040 without.
+    gaps = {}
+    for name, cfg, table in (("drift", DRIFT, drift_data[1]), ("plain", SMALL, train)):
+        label = table.column("label").to_numpy()
+        recent = auc(recent_max_similarity(cfg, table, DRIFT.drift_recent), label)
+        whole = auc(similarity_features(cfg, table)[0], label)
+        gaps[name] = recent - whole
+    assert gaps["drift"] > 0.07, f"recent-vs-whole max-similarity AUC gap {gaps['drift']:+.3f} with drift"
+    assert gaps["plain"] < 0.0, f"recent-vs-whole max-similarity AUC gap {gaps['plain']:+.3f} without drift"
+
+
+def test_sessions_time_structure(sessions_data: tuple[Path, pa.Table]) -> None:
+    check_session_structure(SESSIONS, sessions_data[1])
+
+
+def test_session_sizes_follow_config(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(
+        SESSIONS, session_min_behaviors=4, session_max_behaviors=6, train_samples=2_000, test_samples=0
+    )
+    generate_dataset(cfg, tmp_path, progress=False)
+    check_session_structure(cfg, read_split(tmp_path, "train"))
+
+
+def test_sessions_click_prob_follows_session_model(sessions_data: tuple[Path, pa.Table]) -> None:
+    _, table = sessions_data
+    n = session_match_counts(table, SESSIONS.session_gap_seconds, SESSIONS.session_window)
+    score = np.minimum(n, SESSIONS.session_click_cap) / SESSIONS.session_click_cap
+    logit = SESSIONS.click_sharpness * (score - SESSIONS.session_click_threshold) + profile_logit(
+        SESSIONS, table
+    )
+    np.testing.assert_allclose(table.column("click_prob").to_numpy(), 1.0 / (1.0 + np.exp(-logit)), atol=2e-5)
+
+
+def test_session_count_beats_flat_features(sessions_data: tuple[Path, pa.Table], train: pa.Table) -> None:
+    # DSIN's premise: the number of recent *sessions* about the candidate's category predicts the click
+    # better than any order-blind behaviour-level feature (max/mean similarity, count/share of behaviours in
+    # the category). Measured on 20k rows, seeds 7..12: +0.060..+0.070 with sessions, -0.13 without.
+    gaps = {}
+    for name, cfg, table in (("sessions", SESSIONS, sessions_data[1]), ("plain", SMALL, train)):
+        label = table.column("label").to_numpy()
+        sessions = auc(
+            session_match_counts(table, SESSIONS.session_gap_seconds, SESSIONS.session_window), label
+        )
+        best_flat = max(auc(f, label) for f in flat_features(cfg, table).values())
+        gaps[name] = sessions - best_flat
+    assert gaps["sessions"] > 0.035, f"session-vs-flat AUC gap {gaps['sessions']:+.3f} with sessions"
+    assert gaps["plain"] < 0.0, f"session-vs-flat AUC gap {gaps['plain']:+.3f} without sessions"
+
+
+def test_drift_and_sessions_together(both_data: tuple[Path, pa.Table]) -> None:
+    _, table = both_data
+    check_session_structure(BOTH, table)
+    gap, window = BOTH.session_gap_seconds, BOTH.session_window
+    n = session_match_counts(table, gap, window)
+    score = np.minimum(n, BOTH.session_click_cap) / BOTH.session_click_cap
+    logit = BOTH.click_sharpness * (score - BOTH.session_click_threshold) + profile_logit(BOTH, table)
+    np.testing.assert_allclose(table.column("click_prob").to_numpy(), 1.0 / (1.0 + np.exp(-logit)), atol=2e-5)
+    # Both premises at once. Measured on 20k rows, seeds 7..12: recent sessions beat all sessions by
+    # +0.062..+0.071 (drift), and beat the best flat feature by +0.072..+0.077 (sessions).
+    label = table.column("label").to_numpy()
+    recent = auc(n, label)
+    whole = auc(session_match_counts(table, gap, 0), label)
+    best_flat = max(auc(f, label) for f in flat_features(BOTH, table).values())
+    assert recent - whole > 0.035, f"recent-vs-all sessions AUC gap {recent - whole:+.3f}"
+    assert recent - best_flat > 0.04, f"session-vs-flat AUC gap {recent - best_flat:+.3f}"

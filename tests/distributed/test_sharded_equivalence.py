@@ -53,6 +53,10 @@ def small_config(model: str, ec_sharding: str, ebc_sharding: str = "table_wise")
     cfg.training.grad_clip_norm = 0.0
     cfg.training.regularization.coefficient = 0.05
     cfg.training.regularization.mode = "count"
+    cfg.model.dien.aux_loss_weight = 0.0  # a mean over each rank's (t, t+1) pairs: not additive over ranks
+    cfg.model.dsin.heads = 2
+    cfg.model.dsin.lstm_hidden = 8
+    cfg.model.dsin.session_gap_seconds = 900
     cfg.training.sharding = {
         "item": TableShardingConfig([ec_sharding], []),
         "category": TableShardingConfig([ec_sharding], []),
@@ -149,7 +153,13 @@ def _worker(rank: int, store: str, model_name: str, ec_sharding: str, ebc_shardi
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "model_name,ec_sharding",
-    [("din", "table_wise"), ("din", "row_wise"), ("base", "row_wise")],
+    [
+        ("din", "table_wise"),
+        ("din", "row_wise"),
+        ("base", "row_wise"),
+        ("dien", "row_wise"),
+        ("dsin", "table_wise"),
+    ],
 )
 def test_two_gloo_ranks_equal_one_unsharded_process(tmp_path, model_name: str, ec_sharding: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -1,0 +1,94 @@
+"""Gradient accumulation and bf16 autocast in the training step."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from din_torchrec.config import ExperimentConfig, ProfileTableConfig, SequenceTableConfig
+from din_torchrec.data.batch import slice_batch
+from din_torchrec.data.random_batch import random_batch
+from din_torchrec.distributed.env import init_distributed
+from din_torchrec.distributed.sharding import dense_optimizer, shard_model
+from din_torchrec.models import build_model
+from din_torchrec.training.trainer import train_micro_step
+
+
+def _config(accumulation: int, precision: str = "fp32") -> ExperimentConfig:
+    cfg = ExperimentConfig()
+    cfg.features.embedding_dim = 8
+    cfg.features.sequence = [SequenceTableConfig("item", 200, "target_item_id", "hist_item_ids")]
+    cfg.features.profile = [ProfileTableConfig("user", 40, "user_id")]
+    cfg.model.name = "din"  # type: ignore[assignment]
+    cfg.model.attention_activation = "prelu"  # Dice would see different batch statistics per micro-batch
+    cfg.model.mlp_activation = "prelu"
+    cfg.model.attention_hidden = [16]
+    cfg.model.mlp_hidden = [16]
+    cfg.training.sparse_optimizer = "sgd"
+    cfg.training.lr_sparse = 0.0  # tables frozen: fused updates between micro-batches would differ by design
+    cfg.training.dense_optimizer = "sgd"
+    cfg.training.lr_dense = 0.5
+    cfg.training.grad_clip_norm = 0.0
+    cfg.training.grad_accumulation_steps = accumulation
+    cfg.training.precision = precision  # type: ignore[assignment]
+    return cfg.validate()
+
+
+def _dense_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "embeddings" not in k}
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch(k: int) -> None:
+    env = init_distributed("gloo")
+    batch = random_batch(_config(1).features, 8 * k, 10, torch.Generator().manual_seed(5))
+    results = {}
+    for steps in (1, k):
+        cfg = _config(steps)
+        torch.manual_seed(0)
+        model = shard_model(build_model(cfg), env, cfg.features, cfg.training, 8 * k)
+        opt = dense_optimizer(model, cfg.training)
+        params = list(opt.params.values())
+        parts = [batch] if steps == 1 else [slice_batch(batch, i * 8, (i + 1) * 8) for i in range(k)]
+        for i, b in enumerate(parts):
+            train_micro_step(model, opt, params, b, cfg, env, i)
+        results[steps] = _dense_state(model)
+    before = _dense_state(
+        shard_model(build_model(_config(1)), env, _config(1).features, _config(1).training, 8)
+    )
+    for name, value in results[1].items():
+        torch.testing.assert_close(results[k][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(results[1][n], before[n]) for n in before), "no dense parameter moved"
+
+
+def test_no_step_before_the_last_micro_batch() -> None:
+    env = init_distributed("gloo")
+    cfg = _config(3)
+    torch.manual_seed(0)
+    model = shard_model(build_model(cfg), env, cfg.features, cfg.training, 8)
+    opt = dense_optimizer(model, cfg.training)
+    start = _dense_state(model)
+    batch = random_batch(cfg.features, 8, 10, torch.Generator().manual_seed(1))
+    for i in range(2):
+        train_micro_step(model, opt, list(opt.params.values()), batch, cfg, env, i)
+        assert all(torch.equal(v, start[n]) for n, v in _dense_state(model).items())
+    train_micro_step(model, opt, list(opt.params.values()), batch, cfg, env, 2)
+    assert any(not torch.equal(v, start[n]) for n, v in _dense_state(model).items())
+
+
+def test_bf16_autocast_step_is_close_to_fp32() -> None:
+    env = init_distributed("gloo")
+    batch = random_batch(_config(1).features, 64, 10, torch.Generator().manual_seed(2))
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = _config(1, precision)
+        torch.manual_seed(0)
+        model = shard_model(build_model(cfg), env, cfg.features, cfg.training, 64)
+        opt = dense_optimizer(model, cfg.training)
+        losses[precision] = train_micro_step(
+            model, opt, list(opt.params.values()), copy.deepcopy(batch), cfg, env
+        ).click
+    assert losses["bf16"] == pytest.approx(losses["fp32"], abs=2e-2)
+    assert losses["bf16"] != losses["fp32"], "autocast did not engage: bf16 matmuls round differently"
