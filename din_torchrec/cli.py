@@ -163,6 +163,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Train several models on one dataset under the same settings; write the comparison table and curves."""
+    from din_torchrec.training.report import run_report
+
+    cfg = _load(args)
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    out = args.out or str(Path(cfg.training.output_dir) / "report")
+    result = run_report(cfg, out, models, title=args.title or "")
+    if _is_main():
+        print(result["table"])
+        print(f"written: {out}/report.md, {out}/report.json, {out}/validation_curves.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="din-torchrec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -185,6 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint folder (default: <training.output_dir>/checkpoint)")
     p.add_argument("--output", help="also write the metrics to this JSON file")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "report", help="train base, DIN, DIEN, DSIN on one dataset; write a comparison table + PNG"
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--models", default="base,din,dien,dsin", help="comma-separated; the first is the baseline"
+    )
+    p.add_argument("--out", help="output folder (default: <training.output_dir>/report)")
+    p.add_argument("--title", help="heading of the report")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="generate data, train base and DIN, evaluate, print the metrics")
     _add_config_args(p)

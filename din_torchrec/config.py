@@ -236,6 +236,9 @@ class TrainingConfig:
     progress: bool = True
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     sharding: dict[str, TableShardingConfig] = field(default_factory=dict)
+    plan_path: str = ""
+    checkpoint_every_steps: int = 0
+    resume: bool = False
     num_threads: int = 0
 
 

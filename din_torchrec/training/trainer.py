@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import resource
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.types import ShardingPlan
 from tqdm import tqdm
 
 from din_torchrec.config import ExperimentConfig, dump_config, to_dict
@@ -24,10 +27,10 @@ from din_torchrec.data.batch import Batch
 from din_torchrec.data.negatives import NegativeSampler, load_item_features
 from din_torchrec.data.reader import BehaviorReader, load_frequencies
 from din_torchrec.distributed.env import DistEnv, init_distributed
-from din_torchrec.distributed.sharding import dense_optimizer, describe_plan, shard_model
+from din_torchrec.distributed.sharding import combined_optimizer, dense_optimizer, describe_plan, shard_model
 from din_torchrec.models import build_model
 from din_torchrec.models.output import ModelOutput
-from din_torchrec.training.checkpoint import load_checkpoint, save_checkpoint
+from din_torchrec.training.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from din_torchrec.training.losses import click_loss
 from din_torchrec.training.metrics import ctr_metrics
 from din_torchrec.training.plots import plot_training_curve
@@ -35,6 +38,9 @@ from din_torchrec.training.regularization import mba_penalty
 from din_torchrec.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
+
+# Fault injection for resilience drills and tests: SIGKILL this process right after this global step.
+_KILL_AT_STEP = int(os.environ.get("DIN_TORCHREC_KILL_AT_STEP", "-1"))
 
 # A progress bar redraws every 0.1 s on a terminal; written to a log file that is one line per redraw.
 _BAR_INTERVAL = 0.1 if sys.stderr.isatty() else 10.0
@@ -103,6 +109,15 @@ def compute_loss(
 def needs_negatives(cfg: ExperimentConfig) -> bool:
     """Whether the model's batches carry negative behaviours (DIEN with its auxiliary loss)."""
     return cfg.model.name == "dien" and cfg.model.dien.aux_loss_weight > 0
+
+
+def saved_plan(cfg: ExperimentConfig, env: DistEnv) -> ShardingPlan | None:
+    """The sharding plan saved by ``din-torchrec plan`` (``training.plan_path``), or None to plan now."""
+    if not cfg.training.plan_path:
+        return None
+    from din_torchrec.distributed.planning import load_plan
+
+    return load_plan(cfg.training.plan_path, world_size=env.world_size)
 
 
 def make_negative_sampler(
@@ -252,9 +267,12 @@ class Trainer:
         self.train_reader = make_reader(cfg, self.env, "train", self.frequencies)
         self.eval_reader = make_reader(cfg, self.env, "eval", None)
         model = build_model(cfg, device=self.env.device if self.env.device.type != "cpu" else None)
-        self.model = shard_model(model, self.env, cfg.features, cfg.training, cfg.data.batch_size)
+        self.model = shard_model(
+            model, self.env, cfg.features, cfg.training, cfg.data.batch_size, plan=saved_plan(cfg, self.env)
+        )
         self.dense_opt = dense_optimizer(self.model, cfg.training)
         self.dense_params = [p for p in self.dense_opt.params.values()]
+        self.optimizer = combined_optimizer(self.model, self.dense_opt)
         self.state = TrainState()
 
     def _log(self, msg: str) -> None:
@@ -265,6 +283,59 @@ class Trainer:
         return train_micro_step(
             self.model, self.dense_opt, self.dense_params, batch, self.cfg, self.env, micro_step
         )
+
+    def _checkpoint_meta(self, epoch: int, batches_done: int, epochs: list[dict[str, Any]]) -> dict[str, Any]:
+        """Everything besides tensors that a resume needs: where in the data we are and the curves so far.
+
+        Randomness needs no saved state: shuffling and negative sampling are seeded from (seed, epoch,
+        rank), and the model has no dropout.
+        """
+        return {
+            "model": self.cfg.model.name,
+            "epoch": epoch,
+            "batches_done_in_epoch": batches_done,
+            "step": self.state.step,
+            "world_size": self.env.world_size,
+            "batch_size": self.cfg.data.batch_size,
+            "history": self.state.history,
+            "epochs_done": epochs,
+        }
+
+    def save(self, epoch: int, batches_done: int, epochs: list[dict[str, Any]]) -> Path:
+        """Sharded checkpoint of model + fused and dense optimizer state + data position. Collective."""
+        return save_checkpoint(
+            self.out_dir / "checkpoint",
+            self.model,
+            self._checkpoint_meta(epoch, batches_done, epochs),
+            optimizer=self.optimizer,
+        )
+
+    def _resume(self) -> tuple[int, int, list[dict[str, Any]]]:
+        """Load ``<output_dir>/checkpoint`` if ``training.resume`` and it exists: ``(epoch, batches done in
+        that epoch, finished epochs)``. A checkpoint from another world size resumes at the same fraction of
+        the epoch (each rank then owns a different slice of the rows)."""
+        path = self.out_dir / "checkpoint"
+        if not (self.cfg.training.resume and path.exists()):
+            return 0, 0, []
+        self.dense_opt.init_state()  # Adam's moments are lazy; DCP loads in place
+        saved_world = int(read_checkpoint_meta(path, verify=False).get("world_size", self.env.world_size))
+        meta = load_checkpoint(
+            path, self.model, self.optimizer, partial_optimizer=saved_world != self.env.world_size
+        )
+        if meta["reinitialised_optimizer_state"]:
+            self._log(
+                f"world size {saved_world} -> {self.env.world_size}: the plan moved tables between fused and "
+                f"data-parallel sharding; {len(meta['reinitialised_optimizer_state'])} optimizer states start fresh"
+            )
+        self.state.step = int(meta["step"])
+        self.state.history = meta.get("history") or self.state.history
+        done = int(meta["batches_done_in_epoch"])
+        if saved_world != self.env.world_size:
+            done = done * saved_world // self.env.world_size
+        self._log(
+            f"resumed from {path}: epoch {int(meta['epoch']) + 1}, batch {done}, step {self.state.step}"
+        )
+        return int(meta["epoch"]), done, list(meta.get("epochs_done") or [])
 
     def fit(self) -> dict[str, Any]:
         cfg, env = self.cfg, self.env
@@ -279,18 +350,21 @@ class Trainer:
         if steps_per_epoch >= k:
             steps_per_epoch -= steps_per_epoch % k  # every epoch ends on an optimizer step
         global_batch = cfg.data.batch_size * env.world_size
+        every = cfg.training.checkpoint_every_steps
+        first_epoch, skip, epochs = self._resume()
         self._log(
             f"training {cfg.model.name}: {steps_per_epoch} steps/epoch x {cfg.training.epochs} epochs, "
             f"global batch {global_batch}, world size {env.world_size}, device {env.device}"
         )
         train_seconds = 0.0
         train_samples = 0
-        epochs: list[dict[str, Any]] = []
-        for epoch in range(cfg.training.epochs):
+        for epoch in range(first_epoch, cfg.training.epochs):
             self.train_reader.set_epoch(epoch)
             self.model.train()
+            start = skip if epoch == first_epoch else 0
             bar = tqdm(
                 total=steps_per_epoch,
+                initial=start,
                 desc=f"{cfg.model.name} epoch {epoch + 1}/{cfg.training.epochs}",
                 disable=not (cfg.training.progress and env.is_main),
                 unit="step",
@@ -299,18 +373,22 @@ class Trainer:
             )
             t0 = time.perf_counter()
             running: list[float] = []
+            done = start
             for i, batch in enumerate(self.train_reader):
                 if i >= steps_per_epoch:
                     break
+                if i < start:
+                    continue  # consumed before the resumed checkpoint: same order, skipped exactly
                 parts = self.train_step(batch, i)
                 if not math.isfinite(parts.total):
                     raise FloatingPointError(
                         f"loss became {parts.total} at step {self.state.step} (epoch {epoch})"
                     )
                 self.state.step += 1
+                done = i + 1
                 running.append(parts.total)
                 elapsed = time.perf_counter() - t0
-                rate = (i + 1) * global_batch / max(elapsed, 1e-9)
+                rate = (done - start) * global_batch / max(elapsed, 1e-9)
                 bar.update(1)
                 bar.set_postfix(loss=f"{parts.total:.4f}", samples_s=f"{rate:,.0f}")
                 if self.state.step % max(cfg.training.log_every, 1) == 0:
@@ -318,16 +396,21 @@ class Trainer:
                     self.state.history["loss"].append(float(np.mean(running)))
                     running = []
                     if not cfg.training.progress:
-                        eta = (steps_per_epoch - i - 1) * elapsed / (i + 1)
+                        eta = (steps_per_epoch - done) * elapsed / max(done - start, 1)
                         self._log(
-                            f"epoch {epoch + 1} step {i + 1}/{steps_per_epoch} loss {parts.total:.4f} "
+                            f"epoch {epoch + 1} step {done}/{steps_per_epoch} loss {parts.total:.4f} "
                             f"(click {parts.click:.4f} reg {parts.reg:.2e} aux {parts.aux:.4f}) "
                             f"{rate:,.0f} samples/s ETA {eta:.0f}s"
                         )
+                if every > 0 and self.state.step % every == 0 and done < steps_per_epoch and done % k == 0:
+                    self.save(epoch, done, epochs)
+                if self.state.step == _KILL_AT_STEP:
+                    # Fault drill (resilience tests): die the way a preempted or OOM-killed job does.
+                    os.kill(os.getpid(), signal.SIGKILL)
             bar.close()
             epoch_seconds = time.perf_counter() - t0
             train_seconds += epoch_seconds
-            train_samples += steps_per_epoch * global_batch
+            train_samples += (steps_per_epoch - start) * global_batch
             if running:
                 self.state.history["steps"].append(self.state.step)
                 self.state.history["loss"].append(float(np.mean(running)))
@@ -336,30 +419,26 @@ class Trainer:
                 "epoch": epoch,
                 **metrics,
                 "train_seconds": epoch_seconds,
-                "train_samples_per_s": steps_per_epoch * global_batch / max(epoch_seconds, 1e-9),
+                "train_samples_per_s": (steps_per_epoch - start) * global_batch / max(epoch_seconds, 1e-9),
             }
             epochs.append(row)
-            self.state.history["epochs"].append(row)
+            self.state.history["epochs"] = list(epochs)
             self._log(
                 f"[{cfg.model.name}] epoch {epoch + 1}: AUC {metrics['auc']:.4f}  gAUC {metrics['gauc']:.4f}  "
                 f"logloss {metrics['logloss']:.4f}  ({row['train_samples_per_s']:,.0f} samples/s)"
             )
-        ckpt = save_checkpoint(
-            self.out_dir / "checkpoint",
-            self.model,
-            {
-                "model": cfg.model.name,
-                "step": self.state.step,
-                "epochs": cfg.training.epochs,
-                "world_size": env.world_size,
-            },
-        )
+            # End-of-epoch checkpoint: a resume starts the next epoch.
+            ckpt = self.save(epoch + 1, 0, epochs)
+        if first_epoch >= cfg.training.epochs:
+            ckpt = self.out_dir / "checkpoint"
         result = {
             "model": cfg.model.name,
             "world_size": env.world_size,
             "final": epochs[-1] if epochs else {},
             "epochs": epochs,
-            "train_samples_per_s": train_samples / max(train_seconds, 1e-9),
+            "train_samples_per_s": train_samples / max(train_seconds, 1e-9)
+            if train_samples
+            else float("nan"),
             "train_seconds": train_seconds,
             "peak_rss_mb": peak_rss_mb(),
             "steps": self.state.step,
@@ -388,7 +467,9 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path) -> dict[s
     env = init_distributed(cfg.training.backend, cfg.training.num_threads)
     seed_everything(cfg.training.seed)
     model = build_model(cfg, device=env.device if env.device.type != "cpu" else None)
-    dmp = shard_model(model, env, cfg.features, cfg.training, cfg.data.eval_batch_size)
+    dmp = shard_model(
+        model, env, cfg.features, cfg.training, cfg.data.eval_batch_size, plan=saved_plan(cfg, env)
+    )
     meta = load_checkpoint(checkpoint, dmp)
     reader = make_reader(cfg, env, "eval", None)
     metrics = evaluate(dmp, reader, env, progress=cfg.training.progress)
