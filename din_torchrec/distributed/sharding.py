@@ -16,7 +16,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan, ShardingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
@@ -173,9 +173,20 @@ def load_unsharded_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             target.copy_(full)
 
 
-def dense_optimizer(model: nn.Module, training: TrainingConfig) -> KeyedOptimizerWrapper:
-    """Optimizer for every parameter not updated by a fused (in-backward) optimizer."""
-    params = dict(in_backward_optimizer_filter(model.named_parameters()))
+def _is_table(name: str) -> bool:
+    return ".embedding_bags." in name or ".embeddings." in name
+
+
+def dense_optimizer(model: nn.Module, training: TrainingConfig) -> KeyedOptimizer:
+    """Optimizer for every parameter not updated by a fused (in-backward) optimizer.
+
+    MLP/attention/recurrent weights get ``training.dense_optimizer`` at ``lr_dense``. Tables the plan made
+    data-parallel are ordinary replicated parameters after sharding (no fused kernel): they get the sparse
+    optimizer's class and ``lr_sparse``, so a table trains the same whichever sharding the planner picks.
+    """
+    named = dict(in_backward_optimizer_filter(model.named_parameters()))
+    dense = {k: v for k, v in named.items() if not _is_table(k)}
+    tables = {k: v for k, v in named.items() if _is_table(k)}
     lr = training.lr_dense
     if training.dense_optimizer == "adam":
 
@@ -190,10 +201,23 @@ def dense_optimizer(model: nn.Module, training: TrainingConfig) -> KeyedOptimize
         def factory(p: Any) -> torch.optim.Optimizer:
             return torch.optim.SGD(p, lr=lr)
 
-    return KeyedOptimizerWrapper(params, factory)
+    optimizers: list[tuple[str, KeyedOptimizer]] = [("dense", KeyedOptimizerWrapper(dense, factory))]
+    if tables:
+        sparse_cls = SPARSE_OPTIMIZERS[training.sparse_optimizer]
+        lr_sparse = training.lr_sparse
+        optimizers.append(
+            ("data_parallel_tables", KeyedOptimizerWrapper(tables, lambda p: sparse_cls(p, lr=lr_sparse)))
+        )
+    return CombinedOptimizer(optimizers)
 
 
-def combined_optimizer(model: DistributedModelParallel, dense: KeyedOptimizerWrapper) -> CombinedOptimizer:
+def clipped_parameters(model: nn.Module) -> list[torch.Tensor]:
+    """The parameters gradient clipping applies to: the dense network, not tables (fused tables never hold
+    a gradient; data-parallel tables are treated like them)."""
+    return [p for n, p in in_backward_optimizer_filter(model.named_parameters()) if not _is_table(n)]
+
+
+def combined_optimizer(model: DistributedModelParallel, dense: KeyedOptimizer) -> CombinedOptimizer:
     """Fused sparse + dense optimizers as one keyed optimizer (one state dict for checkpoints)."""
     return CombinedOptimizer([("sparse", model.fused_optimizer), ("dense", dense)])
 

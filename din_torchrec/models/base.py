@@ -103,10 +103,13 @@ class SequenceCTRModel(nn.Module):
             negatives = torch.cat(negs, dim=-1) if len(negs) > 1 else negs[0]
         profile = None
         if self.profile_embeddings is not None:
-            kt = self.profile_embeddings(batch.profile_features)
-            profile = kt.values()
+            # By key, in config order: a sharded EBC's KeyedTensor orders its keys by rank, so values()
+            # would hand the top MLP permuted columns under some plans (and a checkpoint loaded under
+            # another plan would silently mis-predict).
+            pooled = self.profile_embeddings(batch.profile_features).to_dict()
+            profile = torch.cat([pooled[p.column] for p in self.features.profile], dim=-1)
             # Profile bags hold exactly one id per sample, so the pooled row is the looked-up row.
-            rows.update(kt.to_dict())
+            rows.update(pooled)
         return EmbeddedBatch(
             candidates=torch.cat(cands, dim=-1) if len(cands) > 1 else cands[0],
             behaviours=torch.cat(hists, dim=-1) if len(hists) > 1 else hists[0],

@@ -27,7 +27,13 @@ from din_torchrec.data.batch import Batch
 from din_torchrec.data.negatives import NegativeSampler, load_item_features
 from din_torchrec.data.reader import BehaviorReader, load_frequencies
 from din_torchrec.distributed.env import DistEnv, init_distributed
-from din_torchrec.distributed.sharding import combined_optimizer, dense_optimizer, describe_plan, shard_model
+from din_torchrec.distributed.sharding import (
+    clipped_parameters,
+    combined_optimizer,
+    dense_optimizer,
+    describe_plan,
+    shard_model,
+)
 from din_torchrec.models import build_model
 from din_torchrec.models.output import ModelOutput
 from din_torchrec.training.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
@@ -117,7 +123,9 @@ def saved_plan(cfg: ExperimentConfig, env: DistEnv) -> ShardingPlan | None:
         return None
     from din_torchrec.distributed.planning import load_plan
 
-    return load_plan(cfg.training.plan_path, world_size=env.world_size)
+    return load_plan(
+        cfg.training.plan_path, world_size=env.world_size, features=cfg.features, compute_device=env.device.type
+    )
 
 
 def make_negative_sampler(
@@ -271,7 +279,7 @@ class Trainer:
             model, self.env, cfg.features, cfg.training, cfg.data.batch_size, plan=saved_plan(cfg, self.env)
         )
         self.dense_opt = dense_optimizer(self.model, cfg.training)
-        self.dense_params = [p for p in self.dense_opt.params.values()]
+        self.dense_params = clipped_parameters(self.model)
         self.optimizer = combined_optimizer(self.model, self.dense_opt)
         self.state = TrainState()
 
