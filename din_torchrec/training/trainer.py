@@ -26,6 +26,7 @@ from din_torchrec.config import ExperimentConfig, dump_config, to_dict
 from din_torchrec.data.batch import Batch
 from din_torchrec.data.negatives import NegativeSampler, load_item_features
 from din_torchrec.data.reader import BehaviorReader, load_frequencies
+from din_torchrec.data.referenced import open_reader
 from din_torchrec.distributed.env import DistEnv, init_distributed
 from din_torchrec.distributed.sharding import (
     clipped_parameters,
@@ -124,7 +125,10 @@ def saved_plan(cfg: ExperimentConfig, env: DistEnv) -> ShardingPlan | None:
     from din_torchrec.distributed.planning import load_plan
 
     return load_plan(
-        cfg.training.plan_path, world_size=env.world_size, features=cfg.features, compute_device=env.device.type
+        cfg.training.plan_path,
+        world_size=env.world_size,
+        features=cfg.features,
+        compute_device=env.device.type,
     )
 
 
@@ -156,7 +160,7 @@ def make_reader(
     d = cfg.data
     negatives = make_negative_sampler(cfg, frequencies, seed_offset=0 if split == "train" else 1)
     if split == "train":
-        return BehaviorReader(
+        return open_reader(
             d.resolve(d.train_path),
             cfg.features,
             max_history=d.max_history,
@@ -171,7 +175,7 @@ def make_reader(
             read_chunk_rows=d.read_chunk_rows,
             negatives=negatives,
         )
-    return BehaviorReader(
+    return open_reader(
         d.resolve(d.eval_path),
         cfg.features,
         max_history=d.max_history,

@@ -39,6 +39,10 @@ def atomic_write_with(path: str | Path, writer: Callable[[str], Any], suffix: st
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
+    # mkstemp creates the file 0600; give the result the mode a plain open() would (0666 minus the umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         writer(tmp)
         with open(tmp, "rb+") as f:
