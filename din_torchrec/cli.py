@@ -14,19 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from din_torchrec.config import ConfigError, ExperimentConfig, load_config
+from din_torchrec.config import ConfigError, ExperimentConfig, add_config_arguments, load_config
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="experiment YAML (default: built-in defaults)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set training.lr_dense=0.01 (repeatable)",
-    )
+    add_config_arguments(p)
 
 
 def _load(args: argparse.Namespace) -> ExperimentConfig:

@@ -471,6 +471,21 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
     return out
 
 
+def add_config_arguments(
+    parser: Any, config_help: str = "experiment YAML (default: built-in defaults)"
+) -> None:
+    """``--config FILE`` and repeatable ``--set KEY=VALUE`` on an argparse parser (every CLI command)."""
+    parser.add_argument("--config", "-c", help=config_help)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set training.lr_dense=0.01 (repeatable)",
+    )
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML experiment file (or the defaults when ``path`` is None) and apply overrides."""
     tree: dict[str, Any] = {}

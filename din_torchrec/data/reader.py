@@ -290,7 +290,7 @@ class BehaviorReader:
             if c not in scalar_int:
                 scalar_int.append(c)
         self._scalar_int_columns = scalar_int
-        self._columns = [*scalar_int, *self._list_columns, features.label_column]
+        self._columns = self._sample_columns()
 
         self.negatives = negatives
         self._neg_keys: list[str] = []
@@ -317,11 +317,12 @@ class BehaviorReader:
                         f"frequencies: table {name!r}: expected {size} counts, got {len(frequencies[name])}"
                     )
 
+        self._check_path()
         # Footers only: schema checks and row counts.
         self._files: list[_FileInfo] = []
         for f in find_parquet_files(self.path):
             md, schema = _open_footer(f)
-            check_schema(f, schema, self._scalar_int_columns, self._list_columns, features.label_column)
+            self._check_schema(f, schema)
             rg_rows = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
             self._files.append(_FileInfo(f, md, rg_rows))
         self.total_rows = sum(sum(fi.row_group_rows) for fi in self._files)
@@ -338,6 +339,19 @@ class BehaviorReader:
                 f"batch of {batch_size} (drop_last); use a smaller batch size or more data"
             )
         self._segments = self._rank_segments(rank)
+
+    # ------------------------------------------------------------ what a layout reads (subclasses override)
+
+    def _sample_columns(self) -> list[str]:
+        """Columns read from the sample files."""
+        return [*self._scalar_int_columns, *self._list_columns, self.features.label_column]
+
+    def _check_path(self) -> None:
+        """Layout-specific checks of ``self.path`` before the footers are read."""
+
+    def _check_schema(self, file: Path, schema: pa.Schema) -> None:
+        """Check one sample file's schema (from its footer)."""
+        check_schema(file, schema, self._scalar_int_columns, self._list_columns, self.features.label_column)
 
     # ---------------------------------------------------------------------------------------- partitioning
 

@@ -41,7 +41,6 @@ from din_torchrec.data.negatives import NegativeSampler
 from din_torchrec.data.reader import (
     _ARROW_ERRORS,
     BehaviorReader,
-    _FileInfo,
     _open_footer,
     _ranges,
     _Rows,
@@ -302,108 +301,42 @@ class ReferencedBehaviorReader(BehaviorReader):
         negatives: NegativeSampler | None = None,
         histories: str | Path | Histories | None = None,
     ) -> None:
-        # The same argument checks, attributes and footer-based partitioning as BehaviorReader.__init__; only
-        # the columns read from the sample files differ (references instead of lists).
-        if batch_size <= 0:
-            raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
-        if max_history < 0:
-            raise ValueError(f"max_history: expected >= 0, got {max_history}")
-        if world_size <= 0 or not 0 <= rank < world_size:
-            raise ValueError(f"rank/world_size: expected 0 <= rank < world_size, got {rank}/{world_size}")
-        if shuffle_buffer < 0:
-            raise ValueError(f"shuffle_buffer: expected >= 0, got {shuffle_buffer}")
-        if read_chunk_rows <= 0:
-            raise ValueError(f"read_chunk_rows: expected a positive integer, got {read_chunk_rows}")
-        if reg_mode not in ("count", "indicator"):
-            raise ValueError(f"reg_mode: expected 'count' or 'indicator', got {reg_mode!r}")
-        if world_size > 1 and not (drop_last or pad_last):
-            raise ValueError("with world_size > 1 set drop_last (training) or pad_last (evaluation)")
+        super().__init__(
+            path,
+            features,
+            max_history=max_history,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            shuffle_buffer=shuffle_buffer,
+            seed=seed,
+            drop_last=drop_last,
+            pad_last=pad_last,
+            frequencies=frequencies,
+            reg_mode=reg_mode,
+            read_chunk_rows=read_chunk_rows,
+            negatives=negatives,
+        )
+        if isinstance(histories, Histories):
+            self.histories = histories
+        else:
+            self.histories = Histories(self._histories_path(histories), features)
 
-        self.path = Path(path)
-        self.features = features
-        self.max_history = max_history
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.shuffle_buffer = shuffle_buffer
-        self.seed = seed
-        self.pad_last = pad_last
-        self.drop_last = drop_last and not pad_last
-        self.reg_mode = reg_mode
-        self.read_chunk_rows = read_chunk_rows
-        self.epoch = 0
+    # Only the columns read from the sample files differ from the flat layout: references, not lists.
+    def _sample_columns(self) -> list[str]:
+        return [*self._scalar_int_columns, HIST_BEGIN, HIST_END, self.features.label_column]
 
-        seq, prof = features.sequence, features.profile
-        self._seq_keys = [t.target_column for t in seq] + [t.history_column for t in seq]
-        self._prof_keys = [p.column for p in prof]
-        self._id_columns = [(t.target_column, t.name, t.num_embeddings) for t in seq]
-        self._id_columns += [(p.column, p.name, p.num_embeddings) for p in prof]
-        self._hist_columns = [(t.history_column, t.name, t.num_embeddings) for t in seq]
-        self._list_columns = [t.history_column for t in seq] + [features.timestamp_column]
-        scalar_int = [c for c, _, _ in self._id_columns]
-        for c in (features.user_column, features.target_timestamp_column):
-            if c not in scalar_int:
-                scalar_int.append(c)
-        self._scalar_int_columns = scalar_int
-        self._columns = [*scalar_int, HIST_BEGIN, HIST_END, features.label_column]
-
-        self.negatives = negatives
-        self._neg_keys: list[str] = []
-        if negatives is not None:
-            mine = [(t.name, t.num_embeddings, t.history_column) for t in seq]
-            theirs = [(t.name, t.num_embeddings, t.history_column) for t in negatives.features.sequence]
-            if mine != theirs:
-                raise ValueError(
-                    f"negatives: the sampler's sequence tables {theirs} differ from the reader's {mine}"
-                )
-            self._neg_keys = list(negatives.columns)
-
-        self.frequencies = frequencies
-        self._seq_tables = {t.target_column: t.name for t in seq} | {t.history_column: t.name for t in seq}
-        self._prof_tables = {p.column: p.name for p in prof}
-        if frequencies is not None:
-            for name, size in [(t.name, t.num_embeddings) for t in seq] + [
-                (p.name, p.num_embeddings) for p in prof
-            ]:
-                if name not in frequencies:
-                    raise DataError(f"frequencies: missing table {name!r}; got tables {sorted(frequencies)}")
-                if len(frequencies[name]) != size:
-                    raise DataError(
-                        f"frequencies: table {name!r}: expected {size} counts, got {len(frequencies[name])}"
-                    )
-
+    def _check_path(self) -> None:
         if (self.path / "meta.json").is_file():
             raise DataError(
                 f"{self.path}: a dataset folder (it holds meta.json); pass one of its split folders, e.g. "
                 f"{self.path / 'train'}"
             )
-        self._files: list[_FileInfo] = []
-        for f in find_parquet_files(self.path):
-            md, schema = _open_footer(f)
-            check_schema(
-                f, schema, [*self._scalar_int_columns, HIST_BEGIN, HIST_END], [], features.label_column
-            )
-            rg_rows = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
-            self._files.append(_FileInfo(f, md, rg_rows))
-        self.total_rows = sum(sum(fi.row_group_rows) for fi in self._files)
-        self._rank_rows = [self._bounds(r)[1] - self._bounds(r)[0] for r in range(world_size)]
-        self.num_rows = self._rank_rows[rank]
-        if self.num_rows == 0:
-            raise DataError(
-                f"{self.path}: rank {rank} of {world_size} owns no rows: the data has only {self.total_rows} "
-                f"rows; use fewer ranks or more data"
-            )
-        if self.drop_last and min(self._rank_rows) < batch_size:
-            raise DataError(
-                f"{self.path}: {min(self._rank_rows)} rows on the smallest of {world_size} rank(s) make no full "
-                f"batch of {batch_size} (drop_last); use a smaller batch size or more data"
-            )
-        self._segments = self._rank_segments(rank)
 
-        if isinstance(histories, Histories):
-            self.histories = histories
-        else:
-            self.histories = Histories(self._histories_path(histories), features)
+    def _check_schema(self, file: Path, schema: pa.Schema) -> None:
+        check_schema(
+            file, schema, [*self._scalar_int_columns, HIST_BEGIN, HIST_END], [], self.features.label_column
+        )
 
     def _histories_path(self, given: str | Path | None) -> Path:
         if given is not None:

@@ -14,7 +14,7 @@ import logging
 import sys
 from typing import Any
 
-from din_torchrec.config import ConfigError, load_config
+from din_torchrec.config import ConfigError, add_config_arguments, load_config
 from din_torchrec.utils.io import atomic_write_json
 
 
@@ -26,15 +26,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", "-c", help="experiment YAML (default: built-in defaults)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set data.batch_size=4096 (repeatable)",
-    )
+    add_config_arguments(p)
     p.add_argument("--topology", "-t", required=True, help="topology YAML (see configs/topologies/)")
     p.add_argument(
         "--topology-set",

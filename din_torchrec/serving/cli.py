@@ -21,19 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from din_torchrec.config import ConfigError, ExperimentConfig, load_config
+from din_torchrec.config import ConfigError, ExperimentConfig, add_config_arguments, load_config
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="experiment YAML (default: the run's config.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (repeatable)",
-    )
+    add_config_arguments(p, "experiment YAML (default: the run's config.yaml)")
     p.add_argument("--run", help="trainer output folder (default: training.output_dir of --config)")
     p.add_argument("--checkpoint", help="checkpoint folder (default: <run>/checkpoint)")
 
