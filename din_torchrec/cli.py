@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", help="heading of the report")
     p.set_defaults(func=cmd_report)
 
+    from din_torchrec.bench.cli import register as register_bench
     from din_torchrec.data.prepare.cli import register as register_prepare
     from din_torchrec.distributed import plan_cli
     from din_torchrec.serving.cli import register as register_serving
@@ -210,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan_cli.register(sub)
     register_serving(sub)
     register_prepare(sub)
+    register_bench(sub)
 
     p = sub.add_parser("demo", help="generate data, train base and DIN, evaluate, print the metrics")
     _add_config_args(p)

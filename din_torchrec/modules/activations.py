@@ -37,8 +37,9 @@ class Dice(nn.Module):
             mean = flat.mean(0)
             var = (flat * flat).mean(0) - mean * mean
             with torch.no_grad():
-                self.running_mean.lerp_(mean.detach(), self.momentum)
-                self.running_var.lerp_(var.detach(), self.momentum)
+                # Under bf16 autocast the batch statistics are bf16; the running buffers stay fp32.
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+                self.running_var.lerp_(var.detach().to(self.running_var.dtype), self.momentum)
         else:
             mean, var = self.running_mean, self.running_var
         p = torch.sigmoid((x - mean) * torch.rsqrt(var.clamp_min(0) + self.eps))

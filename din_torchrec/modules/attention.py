@@ -15,7 +15,6 @@ included.
 
 from __future__ import annotations
 
-import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import torch
 from torch import nn
 
@@ -29,8 +28,12 @@ def segment_ids(lengths: torch.Tensor) -> torch.Tensor:
 
 
 def complete_offsets(lengths: torch.Tensor) -> torch.Tensor:
-    """``[B]`` lengths -> ``[B + 1]`` offsets starting at 0."""
-    return torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
+    """``[B]`` lengths -> ``[B + 1]`` offsets starting at 0.
+
+    Plain torch rather than ``fbgemm.asynchronous_complete_cumsum`` so this module imports on GPU machines
+    without FBGEMM (the GPU check runs it with stock PyTorch).
+    """
+    return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
 
 
 class LocalActivationUnit(nn.Module):
@@ -132,6 +135,8 @@ class TargetAttentionPooling(nn.Module):
         segments = segment_ids(lengths)
         scores = self.unit.scores_jagged(behaviours, candidates, segments)
         if self.normalization == "softmax":
+            import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm; imported here, see complete_offsets)
+
             max_len = int(lengths.max().item()) if lengths.numel() else 0
             weights = torch.ops.fbgemm.jagged_softmax(
                 scores.unsqueeze(-1), complete_offsets(lengths), max_len

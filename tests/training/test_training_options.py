@@ -78,12 +78,16 @@ def test_no_step_before_the_last_micro_batch() -> None:
     assert any(not torch.equal(v, start[n]) for n, v in _dense_state(model).items())
 
 
-def test_bf16_autocast_step_is_close_to_fp32() -> None:
+@pytest.mark.parametrize("activation", ["prelu", "dice"])
+def test_bf16_autocast_step_is_close_to_fp32(activation: str) -> None:
+    """Dice included: its bf16 batch statistics must update its fp32 running statistics."""
     env = init_distributed("gloo")
     batch = random_batch(_config(1).features, 64, 10, torch.Generator().manual_seed(2))
     losses = {}
     for precision in ("fp32", "bf16"):
         cfg = _config(1, precision)
+        cfg.model.attention_activation = activation  # type: ignore[assignment]
+        cfg.model.mlp_activation = activation  # type: ignore[assignment]
         torch.manual_seed(0)
         model = shard_model(build_model(cfg), env, cfg.features, cfg.training, 64)
         opt = dense_optimizer(model, cfg.training)
