@@ -60,6 +60,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch CPU generator states as JSON (for checkpoints).
+
+    Every rank is seeded alike and draws alike, so rank 0's state stands for all; the data order and the
+    negatives are seeded from (seed, epoch, rank) and need no state at all.
+    """
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npy = state["numpy"]
+    np.random.set_state((npy[0], np.asarray(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -311,6 +335,7 @@ class Trainer:
             "batch_size": self.cfg.data.batch_size,
             "history": self.state.history,
             "epochs_done": epochs,
+            "rng": rng_state(),
         }
 
     def save(self, epoch: int, batches_done: int, epochs: list[dict[str, Any]]) -> Path:
@@ -340,6 +365,8 @@ class Trainer:
                 f"data-parallel sharding; {len(meta['reinitialised_optimizer_state'])} optimizer states start fresh"
             )
         self.state.step = int(meta["step"])
+        if "rng" in meta:
+            set_rng_state(meta["rng"])
         self.state.history = meta.get("history") or self.state.history
         done = int(meta["batches_done_in_epoch"])
         if saved_world != self.env.world_size:

@@ -147,3 +147,21 @@ def test_a_crash_during_save_leaves_the_previous_checkpoint(tmp_path: Path) -> N
     fresh = torch.nn.Linear(3, 2)
     load_checkpoint(path, fresh)
     torch.testing.assert_close(fresh.weight, before["weight"] + 1.0)
+
+
+def test_rng_state_round_trips_through_json() -> None:
+    import json
+    import random
+
+    import numpy as np
+
+    from din_torchrec.training.trainer import rng_state, set_rng_state
+
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    saved = json.loads(json.dumps(rng_state()))  # what meta.json holds
+    first = (torch.rand(4), np.random.rand(3), random.random())
+    set_rng_state(saved)
+    again = (torch.rand(4), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
