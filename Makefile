@@ -28,8 +28,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check din_torchrec tests
-	$(BIN)/ruff format --check din_torchrec tests
+	$(BIN)/ruff check din_torchrec tests launch benchmarks
+	$(BIN)/ruff format --check din_torchrec tests launch benchmarks
 
 clean-data:
 	rm -rf data runs
