@@ -87,6 +87,7 @@ class DataConfig:
     eval_batch_size: int = 4096
     shuffle_buffer: int = 65_536
     read_chunk_rows: int = 65_536
+    prefetch_batches: int = 2
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
     def resolve(self, path: str) -> Path:

@@ -31,9 +31,22 @@ def complete_offsets(lengths: torch.Tensor) -> torch.Tensor:
     """``[B]`` lengths -> ``[B + 1]`` offsets starting at 0.
 
     Plain torch rather than ``fbgemm.asynchronous_complete_cumsum`` so this module imports on GPU machines
-    without FBGEMM (the GPU check runs it with stock PyTorch).
+    without FBGEMM (the GPU check runs it with stock PyTorch); likewise :func:`segment_softmax` instead of
+    ``fbgemm.jagged_softmax``, which also lacks a float64 CPU kernel.
     """
     return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
+
+
+def segment_softmax(scores: torch.Tensor, segments: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Softmax of ``scores [N]`` within each segment (``segments [N]``, sorted or not) -> ``[N]``.
+
+    Plain torch (any dtype; fbgemm's ``jagged_softmax`` has no float64 CPU kernel). The per-segment max is
+    subtracted for stability and detached: softmax is shift-invariant, so the gradient is unchanged.
+    """
+    seg_max = scores.new_full((num_segments,), float("-inf"))
+    seg_max = seg_max.scatter_reduce(0, segments, scores.detach(), "amax", include_self=True)
+    e = torch.exp(scores - seg_max.index_select(0, segments))
+    return e / e.new_zeros(num_segments).index_add(0, segments, e).index_select(0, segments)
 
 
 class LocalActivationUnit(nn.Module):
@@ -135,13 +148,7 @@ class TargetAttentionPooling(nn.Module):
         segments = segment_ids(lengths)
         scores = self.unit.scores_jagged(behaviours, candidates, segments)
         if self.normalization == "softmax":
-            import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm; imported here, see complete_offsets)
-
-            max_len = int(lengths.max().item()) if lengths.numel() else 0
-            weights = torch.ops.fbgemm.jagged_softmax(
-                scores.unsqueeze(-1), complete_offsets(lengths), max_len
-            )[0]
-            weights = weights.squeeze(-1)
+            weights = segment_softmax(scores, segments, lengths.numel())
         else:
             weights = scores
         pooled = torch.zeros_like(candidates).index_add(0, segments, behaviours * weights.unsqueeze(-1))

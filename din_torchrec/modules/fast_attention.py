@@ -101,7 +101,7 @@ def fast_target_attention(
     segments = segment_ids(lengths)
     scores = fast_scores(att.unit, behaviours, candidates, segments)
     if att.normalization == "softmax":
-        from din_torchrec.modules.interest_evolution import segment_softmax
+        from din_torchrec.modules.attention import segment_softmax
 
         weights = segment_softmax(scores, segments, lengths.numel())
     else:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from din_torchrec.modules.attention import LocalActivationUnit, complete_offsets, segment_ids
+from din_torchrec.modules.attention import LocalActivationUnit, complete_offsets, segment_ids, segment_softmax
 from din_torchrec.modules.mlp import MLP
 
 EVOLUTION_KINDS = ("augru", "agru", "aigru")
@@ -105,18 +105,6 @@ def packed_layout(lengths: torch.Tensor) -> PackedLayout:
         packed_index=packed_index,
         unpack_index=unpack_index,
     )
-
-
-def segment_softmax(scores: torch.Tensor, segments: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """Softmax of ``scores [N]`` within each segment (``segments [N]``, sorted or not) -> ``[N]``.
-
-    Plain torch (any dtype; fbgemm's ``jagged_softmax`` has no float64 CPU kernel). The per-segment max is
-    subtracted for stability and detached: softmax is shift-invariant, so the gradient is unchanged.
-    """
-    seg_max = scores.new_full((num_segments,), float("-inf"))
-    seg_max = seg_max.scatter_reduce(0, segments, scores.detach(), "amax", include_self=True)
-    e = torch.exp(scores - seg_max.index_select(0, segments))
-    return e / e.new_zeros(num_segments).index_add(0, segments, e).index_select(0, segments)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from din_torchrec.distributed.sharding import (
 )
 from din_torchrec.models import build_model
 from din_torchrec.models.output import ModelOutput
+from din_torchrec.modules.prefetch import Prefetcher
 from din_torchrec.training.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from din_torchrec.training.losses import click_loss
 from din_torchrec.training.metrics import ctr_metrics
@@ -413,7 +414,13 @@ class Trainer:
             t0 = time.perf_counter()
             running: list[float] = []
             done = start
-            for i, batch in enumerate(self.train_reader):
+            # A background thread reads the next batches while this one trains (pipelined input).
+            batches: Any = (
+                iter(Prefetcher(self.train_reader, depth=cfg.data.prefetch_batches))
+                if cfg.data.prefetch_batches > 0
+                else iter(self.train_reader)
+            )
+            for i, batch in enumerate(batches):
                 if i >= steps_per_epoch:
                     break
                 if i < start:
@@ -446,6 +453,8 @@ class Trainer:
                 if self.state.step == _KILL_AT_STEP:
                     # Fault drill (resilience tests): die the way a preempted or OOM-killed job does.
                     os.kill(os.getpid(), signal.SIGKILL)
+            if hasattr(batches, "close"):
+                batches.close()  # stops the read-ahead thread when the epoch ended early
             bar.close()
             epoch_seconds = time.perf_counter() - t0
             train_seconds += epoch_seconds
