@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from din_torchrec.config import FeaturesConfig
-from din_torchrec.data.validation import DataError
+from din_torchrec.data.validation import DataError, open_table_npz
 
 __all__ = ["NegativeSampler", "load_item_features", "negative_column"]
 
@@ -93,14 +93,8 @@ def load_item_features(path: str | Path, features: FeaturesConfig) -> dict[str, 
     if not features.sequence:
         raise DataError(f"{path}: the features config has no sequence table (expected the item table first)")
     num_items = features.sequence[0].num_embeddings
-    try:
-        obj = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"{path}: cannot read item feature file ({type(e).__name__}: {e})") from e
-    if not isinstance(obj, np.lib.npyio.NpzFile):
-        raise DataError(f"{path}: expected an .npz archive of one array per table, got a single array")
     out: dict[str, np.ndarray] = {}
-    with obj as npz:
+    with open_table_npz(path, "item feature file") as npz:
         present = list(npz.files)
         for t in features.sequence[1:]:
             if t.name not in present:

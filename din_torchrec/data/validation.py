@@ -181,6 +181,18 @@ def check_labels(file: str | Path, column: str, labels: np.ndarray, first_row: i
 # --------------------------------------------------------------------------------------------------------
 
 
+def open_table_npz(path: Path, what: str) -> np.lib.npyio.NpzFile:
+    """Open an ``.npz`` archive of one array per table (frequencies, item features), or DataError naming
+    ``path`` and ``what`` it was meant to be."""
+    try:
+        obj = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: expected an .npz archive of one array per table, got a single array")
+    return obj
+
+
 def load_frequencies(path: str | Path, features: FeaturesConfig) -> dict[str, np.ndarray]:
     """Read ``frequencies.npz``: table name -> ``[num_embeddings]`` int64 counts over the training data.
 
@@ -195,14 +207,8 @@ def load_frequencies(path: str | Path, features: FeaturesConfig) -> dict[str, np
         raise DataError(f"{path}: frequency file does not exist")
     tables = [(t.name, t.num_embeddings) for t in features.sequence]
     tables += [(p.name, p.num_embeddings) for p in features.profile]
-    try:
-        obj = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"{path}: cannot read frequency file ({type(e).__name__}: {e})") from e
-    if not isinstance(obj, np.lib.npyio.NpzFile):
-        raise DataError(f"{path}: expected an .npz archive of one array per table, got a single array")
     out: dict[str, np.ndarray] = {}
-    with obj as npz:
+    with open_table_npz(path, "frequency file") as npz:
         present = list(npz.files)
         for name, size in tables:
             if name not in present:
