@@ -154,7 +154,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.models:
         s.models = _strs(args.models)
     s.peer = not args.no_peer
-    s.fast = not args.no_fast
+    s.bf16 = not args.no_bf16
     s.repeats = args.repeats
     s.threads = args.threads
     if args.venv:
@@ -221,7 +221,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     _common(p, "train")
     p.add_argument(
-        "--models", help="comma-separated (default base,din,dien,dsin); NAME+fast: with the new fast paths"
+        "--models", help="comma-separated (default base,din,dien,dsin); NAME+bf16: with bf16 autocast"
     )
     p.add_argument("--history", type=int, default=0, help="max history length (default 50)")
     p.add_argument("--dim", type=int, default=0, help="embedding dim (default 16)")
@@ -286,7 +286,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--repeats", type=int, default=1, help="runs per contender, order alternating; best counts"
     )
     p.add_argument(
-        "--no-fast", action="store_true", help="skip the run of this project's models with the new fast paths"
+        "--no-bf16", action="store_true", help="skip the run of this project's models with bf16 autocast"
     )
     p.set_defaults(func=cmd_compare)
 

@@ -63,7 +63,7 @@ class CompareSettings:
     venv: str = str(DEFAULT_VENV)
     peer: bool = True
     repeats: int = 1  # each contender runs this many times, order alternating; the best samples/s counts
-    fast: bool = True  # also run this project's models with the new fast paths (din_torchrec.bench.fastpaths)
+    bf16: bool = True  # also run this project's models with bf16 autocast (training.precision: bf16)
 
     @classmethod
     def small(cls) -> CompareSettings:
@@ -254,26 +254,25 @@ def _run(cmd: list[str], log, env: dict[str, str] | None = None) -> None:
         )
 
 
-_FAST_RUNNER = (
-    "import sys; from din_torchrec.bench.fastpaths import enable_fast_paths; enable_fast_paths(); "
-    "from din_torchrec.cli import main; sys.exit(main(sys.argv[1:]))"
-)
-
-
-def run_ours(s: CompareSettings, model: str, out: Path, log, fast: bool = False) -> dict[str, Any]:
+def run_ours(s: CompareSettings, model: str, out: Path, log, bf16: bool = False) -> dict[str, Any]:
     from din_torchrec.config import dump_config
 
-    run_dir = Path(s.runs_dir) / f"ours_{model}{'_fast' if fast else ''}"
+    run_dir = Path(s.runs_dir) / f"ours_{model}{'_bf16' if bf16 else ''}"
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = experiment_config(s, model, run_dir)
+    if bf16:
+        cfg.training.precision = "bf16"  # type: ignore[assignment]
     (run_dir / "experiment.yaml").write_text(dump_config(cfg))
     env = dict(os.environ)
     env.pop("WORLD_SIZE", None)
-    runner = ["-c", _FAST_RUNNER] if fast else ["-m", "din_torchrec.cli"]
-    _run([sys.executable, *runner, "train", "--config", str(run_dir / "experiment.yaml")], log, env)
+    _run(
+        [sys.executable, "-m", "din_torchrec.cli", "train", "--config", str(run_dir / "experiment.yaml")],
+        log,
+        env,
+    )
     m = json.loads((run_dir / "metrics.json").read_text())
     return {
-        "implementation": "din_torchrec+fast" if fast else "din_torchrec",
+        "implementation": "din_torchrec+bf16" if bf16 else "din_torchrec",
         "model": model,
         "auc": m["final"]["auc"],
         "logloss": m["final"]["logloss"],
@@ -338,14 +337,14 @@ def run_compare(s: CompareSettings, out_dir: str | Path, log=print) -> dict[str,
         for model in s.models:
             contenders = (
                 [("ours", False)]
-                + ([("ours", True)] if s.fast else [])
+                + ([("ours", True)] if s.bf16 else [])
                 + ([("peer", False)] if s.peer else [])
             )
             if rep % 2 == 1:
                 contenders.reverse()
-            for side, fast in contenders:
+            for side, bf16 in contenders:
                 if side == "ours":
-                    r = run_ours(s, model, out, log, fast)
+                    r = run_ours(s, model, out, log, bf16)
                 else:
                     assert py is not None and arrays is not None
                     r = run_peer(s, model, arrays, out, py, log)
@@ -356,7 +355,7 @@ def run_compare(s: CompareSettings, out_dir: str | Path, log=print) -> dict[str,
                 )
     # Per (model, implementation): the run with the best samples/s (the least disturbed; AUCs are seeded).
     results = []
-    order = {"din_torchrec": 0, "din_torchrec+fast": 1, "deepctr_torch": 2}
+    order = {"din_torchrec": 0, "din_torchrec+bf16": 1, "deepctr_torch": 2}
     runs.sort(key=lambda x: (s.models.index(x["model"]), order.get(x["implementation"], 9), x["repeat"]))
     for r in runs:
         same = [x for x in runs if x["model"] == r["model"] and x["implementation"] == r["implementation"]]

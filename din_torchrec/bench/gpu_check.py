@@ -1,19 +1,17 @@
 """GPU check: forward + backward samples/s of every interaction module, reference vs fast path, in bf16
 autocast and fp32, on one GPU with stock PyTorch (no CUDA FBGEMM, no TorchRec needed).
 
-    python -m din_torchrec.bench.gpu_check [--out DIR] [--small] [--device cuda|cpu]
+    python -m din_torchrec.bench.gpu_check [--out DIR] [--small] [--device cuda|cpu] [--cases A,B]
 
 Writes ``gpu_check.json`` and ``gpu_check.png`` into ``--out`` (default ``runs/bench``) and prints a table.
 On a machine without a GPU it runs on the CPU (``--small``: tiny sizes, seconds), which is what the test
 suite does.
 
 It imports only pure-PyTorch modules of this package (``din_torchrec.modules.*`` and
-``din_torchrec.bench.kernels``), never TorchRec. ``din_torchrec.modules.attention`` does
-``import fbgemm_gpu`` at import time and calls ``torch.ops.fbgemm.asynchronous_complete_cumsum`` in
-``complete_offsets``: when ``fbgemm_gpu`` is not installed, this script registers a pure-PyTorch
-``fbgemm::asynchronous_complete_cumsum`` (CompositeExplicitAutograd: every device) and an empty
-``fbgemm_gpu`` module before importing the modules, so both work. (The jagged-softmax normalisation of DIN,
-``fbgemm::jagged_softmax``, is not measured here.)
+``din_torchrec.bench.kernels``), never TorchRec or FBGEMM (the modules use plain-torch offsets and segment
+softmax for this reason). ``install_fbgemm_fallback`` still registers a pure-PyTorch
+``fbgemm::asynchronous_complete_cumsum`` when ``fbgemm_gpu`` is missing, for code that calls it.
+``--cases`` runs a subset (``python -m din_torchrec.bench.gpu_check --cases din_attention,dien_extractor``).
 """
 
 from __future__ import annotations
@@ -77,11 +75,12 @@ def install_fbgemm_fallback(device: torch.device | None = None) -> bool:
 
 CASES = [
     "din_attention",
-    "din_attention_fused",
-    "din_scores_fused",
+    "din_attention_softmax",
+    "din_scores",
     "dien_extractor",
-    "dien_extractor_bucketed",
+    "dien_extractor_vs_packed_gru",
     "dien_evolution_vs_padded",
+    "dien_evolution_vs_autograd_loop",
     "dien_evolution",
     "dien_aux_loss",
     "dsin_extractor",
@@ -89,7 +88,12 @@ CASES = [
 
 
 def run(
-    out_dir: str | Path, small: bool, device: str | None = None, activation: str = "dice", log=print
+    out_dir: str | Path,
+    small: bool,
+    device: str | None = None,
+    activation: str = "dice",
+    log=print,
+    cases: list[str] | None = None,
 ) -> dict[str, Any]:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stubbed = install_fbgemm_fallback(dev)
@@ -99,7 +103,7 @@ def run(
     if not small and dev.type == "cuda":
         preset.update(batch=4096, loop_batch=16)
     s = kernels.KernelSettings(**preset)
-    s.cases = list(CASES)
+    s.cases = list(cases or CASES)
     s.activation = activation
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     results = []
@@ -181,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--activation", default="dice", choices=["dice", "prelu", "relu"], help="of the attention MLPs"
     )
+    p.add_argument("--cases", help=f"comma-separated subset of {','.join(CASES)}")
     a = p.parse_args(argv)
-    report = run(a.out, a.small, a.device, a.activation)
+    cases = [c for c in a.cases.split(",") if c] if a.cases else None
+    report = run(a.out, a.small, a.device, a.activation, cases=cases)
     print(f"written: {Path(a.out) / 'gpu_check.json'}, {Path(a.out) / 'gpu_check.png'}")
     return 0 if report["results"] else 1
 

@@ -8,15 +8,18 @@ the outputs and of the input gradients), and times ``forward + backward`` of eac
 Cases (the module each fast path lives in):
 
 * ``din_attention``: :class:`~din_torchrec.modules.attention.TargetAttentionPooling` on the jagged ``[N, D]``
-  values (split first layer, no padding) vs ``forward_padded`` on the padded ``[B, T, D]`` block;
-* ``din_attention_softmax``: the same with softmax normalisation (FBGEMM's ``jagged_softmax`` vs a masked
-  softmax over the padded block);
-* ``din_scores``: the unit's ``scores_jagged`` (split first layer) vs ``scores_reference`` (concat
-  ``[b, c, b-c, b*c]`` on candidate rows repeated per behaviour);
-* ``dien_extractor``: :class:`~din_torchrec.modules.interest_evolution.InterestExtractor` (packed GRU over
-  the real steps) vs ``nn.GRU`` over the padded block;
-* ``dien_evolution``: ``InterestEvolution.forward`` (packed AUGRU loop over active samples) vs
-  ``forward_reference`` (per sample, per step) and vs a padded time loop (all B samples every step, masked);
+  values (no padding, split first layer as one matmul, Dice through the batch-norm kernel and
+  ``DiceGate``) vs ``forward_padded`` (padded ``[B, T, D]`` block, concatenated ``[b, c, b-c, b*c]``,
+  Dice's plain formula);
+* ``din_attention_softmax``: the same with softmax normalisation (segment softmax vs a masked softmax);
+* ``din_scores``: the unit's ``scores_jagged`` vs ``scores_reference`` (candidate rows repeated per
+  behaviour);
+* ``dien_extractor``: :class:`~din_torchrec.modules.interest_evolution.InterestExtractor` (the single-node
+  packed recurrence of :mod:`~din_torchrec.modules.recurrence`) vs ``nn.GRU`` over the padded block, and
+  (``_vs_packed_gru``) vs ``nn.GRU`` on a ``PackedSequence``;
+* ``dien_evolution``: ``InterestEvolution.forward`` (packed AUGRU recurrence, one autograd node) vs
+  ``forward_reference`` (per sample, per step), vs a padded time loop (all B samples every step, masked) and
+  vs ``forward_loop`` (the same packed loop with autograd recording every cell step);
 * ``dien_aux_loss``: ``AuxiliaryNextBehaviourLoss.forward`` vs ``forward_reference`` (per pair);
 * ``dsin_extractor``: ``SessionInterestExtractor`` over all sessions of the batch at once vs a loop over
   sessions;
@@ -96,7 +99,9 @@ def _loss(out: Outputs, weights: dict[tuple[int, ...], torch.Tensor]) -> torch.T
         return o
     w = weights.get(tuple(o.shape))
     if w is None:
-        w = torch.randn(o.shape, generator=_gen(7), dtype=o.dtype)
+        # On the output's device: the loss runs outside the `torch.device` context the case was built in.
+        g = torch.Generator(device=o.device).manual_seed(7)
+        w = torch.randn(o.shape, generator=g, dtype=o.dtype, device=o.device)
         weights[tuple(o.shape)] = w
     return (o * w).sum()
 
@@ -205,13 +210,10 @@ def din_attention_case(
     normalization: str,
     lengths_mode: str,
     seed: int,
-    fast_path: str = "jagged",
 ) -> Case:
-    """``fast_path``: ``jagged`` (``TargetAttentionPooling.forward``) or ``fused``
-    (:func:`~din_torchrec.modules.fast_attention.fast_target_attention`), against ``forward_padded``;
-    ``fused_vs_jagged`` puts the two fast paths against each other."""
+    """``TargetAttentionPooling.forward`` (jagged rows, split first layer, fused Dice) against
+    ``forward_padded`` (the padded block, the concatenated first layer, Dice's plain formula)."""
     from din_torchrec.modules.attention import TargetAttentionPooling
-    from din_torchrec.modules.fast_attention import fast_target_attention
 
     g = _gen(seed)
     torch.manual_seed(seed)
@@ -223,31 +225,14 @@ def din_attention_case(
     padded, mask = pad(beh.detach(), lengths, history)
     padded.requires_grad_()
 
-    def jagged() -> Outputs:
+    def fast() -> Outputs:
         return att(beh, lengths, cand)[0]
-
-    def fused() -> Outputs:
-        return fast_target_attention(att, beh, lengths, cand)[0]
 
     def ref() -> Outputs:
         return att.forward_padded(padded, mask, cand)[0]
 
     name = "din_attention" + ("_softmax" if normalization == "softmax" else "")
-    if fast_path == "fused_vs_jagged":
-        return Case(
-            name + "_fused_vs_jagged", fused, jagged, [beh, cand], [att], batch, n, reference_name="jagged"
-        )
-    fast = fused if fast_path == "fused" else jagged
-    case = Case(
-        name + ("_fused" if fast_path == "fused" else ""),
-        fast,
-        ref,
-        [cand],
-        [att],
-        batch,
-        n,
-        reference_name="forward_padded",
-    )
+    case = Case(name, fast, ref, [cand], [att], batch, n, reference_name="forward_padded")
     case.extra["padded_grad_check"] = (beh, padded, mask)
     return case
 
@@ -260,10 +245,8 @@ def din_scores_case(
     activation: str,
     lengths_mode: str,
     seed: int,
-    fused: bool = False,
 ) -> Case:
     from din_torchrec.modules.attention import LocalActivationUnit, segment_ids
-    from din_torchrec.modules.fast_attention import fast_scores
 
     g = _gen(seed)
     torch.manual_seed(seed)
@@ -274,10 +257,8 @@ def din_scores_case(
     cand = torch.randn(batch, dim, generator=g).requires_grad_()
     seg = segment_ids(lengths)
     return Case(
-        "din_scores_fused" if fused else "din_scores",
-        (lambda: fast_scores(unit, beh, cand, seg))
-        if fused
-        else (lambda: unit.scores_jagged(beh, cand, seg)),
+        "din_scores",
+        lambda: unit.scores_jagged(beh, cand, seg),
         lambda: unit.scores_reference(beh, cand.index_select(0, seg)),
         [beh, cand],
         [unit],
@@ -288,12 +269,10 @@ def din_scores_case(
 
 
 def dien_extractor_case(
-    batch: int, history: int, dim: int, hidden: int, lengths_mode: str, seed: int, fast_path: str = "packed"
+    batch: int, history: int, dim: int, hidden: int, lengths_mode: str, seed: int, reference: str = "padded"
 ) -> Case:
-    """``fast_path``: ``packed`` (``InterestExtractor.forward``) or ``bucketed``
-    (:func:`~din_torchrec.modules.fast_gru.bucketed_gru`) against the padded ``nn.GRU``;
-    ``bucketed_vs_packed`` puts the two against each other."""
-    from din_torchrec.modules.fast_gru import bucketed_gru
+    """``InterestExtractor.forward`` (the single-node packed recurrence) against the padded ``nn.GRU``
+    (``reference="padded"``) or ``nn.GRU`` on a ``PackedSequence`` (``"packed"``, ``forward_packed``)."""
     from din_torchrec.modules.interest_evolution import InterestExtractor
 
     g = _gen(seed)
@@ -303,39 +282,20 @@ def dien_extractor_case(
     n = int(lengths.sum())
     beh = torch.randn(n, dim, generator=g).requires_grad_()
 
-    def ref() -> Outputs:
+    def padded() -> Outputs:
         # Padded block through nn.GRU (every step of every sample); states read back at the real positions.
-        padded, mask = pad(beh, lengths, history)
-        out, _ = ex.gru(padded.transpose(0, 1))
+        block, mask = pad(beh, lengths, history)
+        out, _ = ex.gru(block.transpose(0, 1))
         return out.transpose(0, 1)[mask]
 
     def packed() -> Outputs:
-        return ex(beh, lengths)[0]
+        return ex.forward_packed(beh, lengths)[0]
 
-    def bucketed() -> Outputs:
-        return bucketed_gru(ex.gru, beh, lengths)[0]
-
-    if fast_path == "bucketed_vs_packed":
-        return Case(
-            "dien_extractor_bucketed_vs_packed",
-            bucketed,
-            packed,
-            [beh],
-            [ex],
-            batch,
-            n,
-            reference_name="packed",
-        )
-    return Case(
-        "dien_extractor" + ("_bucketed" if fast_path == "bucketed" else ""),
-        bucketed if fast_path == "bucketed" else packed,
-        ref,
-        [beh],
-        [ex],
-        batch,
-        n,
-        reference_name="padded nn.GRU",
-    )
+    if reference == "packed":
+        name, ref, ref_name = "dien_extractor_vs_packed_gru", packed, "nn.GRU on a PackedSequence"
+    else:
+        name, ref, ref_name = "dien_extractor", padded, "padded nn.GRU"
+    return Case(name, lambda: ex(beh, lengths)[0], ref, [beh], [ex], batch, n, reference_name=ref_name)
 
 
 def _evolution_padded(
@@ -349,7 +309,7 @@ def _evolution_padded(
     seg = segment_ids(lengths)
     scores = evo.unit.scores_reference(states, evo.candidate_projection(cand).index_select(0, seg))
     padded, mask = pad(states, lengths, t)
-    att = masked_softmax(padded.new_zeros(mask.shape).masked_scatter(mask, scores), mask)
+    att = masked_softmax(scores.new_zeros(mask.shape).masked_scatter(mask, scores), mask)
     h = states.new_zeros(lengths.numel(), evo.hidden_size)
     for step in range(t):
         h_new = evo.cell(padded[:, step], h, att[:, step])
@@ -379,6 +339,9 @@ def dien_evolution_case(
     if reference == "loop":
         ref: Callable[[], Outputs] = lambda: evo.forward_reference(states, lengths, cand)[0]  # noqa: E731
         name, ref_name = "dien_evolution", "forward_reference (per sample, per step)"
+    elif reference == "autograd":
+        ref = lambda: evo.forward_loop(states, lengths, cand)[0]  # noqa: E731
+        name, ref_name = "dien_evolution_vs_autograd_loop", "packed loop of cell steps under autograd"
     else:
         ref = lambda: _evolution_padded(evo, states, lengths, cand, history)  # noqa: E731
         name, ref_name = "dien_evolution_vs_padded", "padded time loop (all samples every step)"
@@ -528,27 +491,17 @@ def build_cases(s: KernelSettings) -> list[Case]:
         "din_attention_softmax": lambda: din_attention_case(
             b, t, d, s.hidden, s.activation, "softmax", s.lengths, s.seed
         ),
-        "din_attention_fused": lambda: din_attention_case(
-            b, t, d, s.hidden, s.activation, "none", s.lengths, s.seed, "fused"
-        ),
-        "din_attention_softmax_fused": lambda: din_attention_case(
-            b, t, d, s.hidden, s.activation, "softmax", s.lengths, s.seed, "fused"
-        ),
-        "din_attention_fused_vs_jagged": lambda: din_attention_case(
-            b, t, d, s.hidden, s.activation, "none", s.lengths, s.seed, "fused_vs_jagged"
-        ),
         "din_scores": lambda: din_scores_case(b, t, d, s.hidden, s.activation, s.lengths, s.seed),
-        "din_scores_fused": lambda: din_scores_case(b, t, d, s.hidden, s.activation, s.lengths, s.seed, True),
         "dien_extractor": lambda: dien_extractor_case(b, t, d, d, s.lengths, s.seed),
-        "dien_extractor_bucketed": lambda: dien_extractor_case(b, t, d, d, s.lengths, s.seed, "bucketed"),
-        "dien_extractor_bucketed_vs_packed": lambda: dien_extractor_case(
-            b, t, d, d, s.lengths, s.seed, "bucketed_vs_packed"
-        ),
+        "dien_extractor_vs_packed_gru": lambda: dien_extractor_case(b, t, d, d, s.lengths, s.seed, "packed"),
         "dien_evolution": lambda: dien_evolution_case(
             lb, t, d, s.hidden, s.activation, s.lengths, s.seed, "loop"
         ),
         "dien_evolution_vs_padded": lambda: dien_evolution_case(
             b, t, d, s.hidden, s.activation, s.lengths, s.seed, "padded"
+        ),
+        "dien_evolution_vs_autograd_loop": lambda: dien_evolution_case(
+            b, t, d, s.hidden, s.activation, s.lengths, s.seed, "autograd"
         ),
         "dien_aux_loss": lambda: dien_aux_case(lb, t, d, d, s.lengths, s.seed),
         "dsin_extractor": lambda: dsin_extractor_case(

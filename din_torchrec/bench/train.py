@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 MODELS = ("base", "din", "dien", "dsin")
-FAST_SUFFIX = "+fast"  # e.g. "din+fast": the model with the new fast paths (din_torchrec.bench.fastpaths)
+BF16_SUFFIX = "+bf16"  # e.g. "din+bf16": the model under bf16 autocast (training.precision: bf16)
 
 
 def rss_mb() -> float:
@@ -159,7 +159,7 @@ def bench_config(s: TrainSettings, model: str):
 @dataclass
 class _Built:
     name: str
-    fast: bool
+    bf16: bool
     cfg: Any
     model: Any
     opt: Any
@@ -171,18 +171,19 @@ class _Built:
 
 
 def _build(s: TrainSettings, label: str, env: Any) -> _Built:
-    from din_torchrec.bench.fastpaths import fast_paths
     from din_torchrec.data.random_batch import random_batch
     from din_torchrec.distributed.sharding import dense_optimizer, shard_model
     from din_torchrec.models import build_model
     from din_torchrec.training.trainer import needs_negatives, train_micro_step
 
-    fast = label.endswith(FAST_SUFFIX)
-    name = label.removesuffix(FAST_SUFFIX)
+    bf16 = label.endswith(BF16_SUFFIX)
+    name = label.removesuffix(BF16_SUFFIX)
     _trim()
     before = rss_mb()
     t0 = time.perf_counter()
     cfg = bench_config(s, name)
+    if bf16:
+        cfg.training.precision = "bf16"  # type: ignore[assignment]
     g = torch.Generator().manual_seed(s.seed)
     batches = []
     for _ in range(s.pool):
@@ -200,7 +201,7 @@ def _build(s: TrainSettings, label: str, env: Any) -> _Built:
                 with_negatives=needs_negatives(cfg),
             )
         )
-    with PeakRSS() as peak, fast_paths(fast):
+    with PeakRSS() as peak:
         torch.manual_seed(s.seed)
         model = shard_model(build_model(cfg), env, cfg.features, cfg.training, s.batch)
         opt = dense_optimizer(model, cfg.training)
@@ -209,31 +210,27 @@ def _build(s: TrainSettings, label: str, env: Any) -> _Built:
         for i in range(s.warmup):
             train_micro_step(model, opt, params, batches[i % len(batches)], cfg, env)
     return _Built(
-        label, fast, cfg, model, opt, params, batches, peak.peak, peak.peak - before, time.perf_counter() - t0
+        label, bf16, cfg, model, opt, params, batches, peak.peak, peak.peak - before, time.perf_counter() - t0
     )
 
 
 def _timed_steps(b: _Built, env: Any, steps: int) -> float:
-    from din_torchrec.bench.fastpaths import fast_paths
     from din_torchrec.training.trainer import train_micro_step
 
-    with fast_paths(b.fast):
-        t0 = time.perf_counter()
-        for i in range(steps):
-            train_micro_step(b.model, b.opt, b.params, b.batches[i % len(b.batches)], b.cfg, env)
-        return time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(steps):
+        train_micro_step(b.model, b.opt, b.params, b.batches[i % len(b.batches)], b.cfg, env)
+    return time.perf_counter() - t0
 
 
 def _breakdown(b: _Built, env: Any, steps: int) -> dict[str, float]:
     """Seconds of forward / backward / optimizer / other, summed over ``steps`` instrumented steps that do
     what ``train_micro_step`` does (one micro-batch per step)."""
-    from din_torchrec.bench.fastpaths import fast_paths
     from din_torchrec.training.trainer import _autocast, compute_loss
 
     t = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0, "other": 0.0}
     cfg = b.cfg
-    with fast_paths(b.fast):
-        _instrumented(b, env, steps, t, cfg, _autocast, compute_loss)
+    _instrumented(b, env, steps, t, cfg, _autocast, compute_loss)
     return t
 
 
@@ -271,7 +268,7 @@ def run_train(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    unknown = [m for m in s.models if m.removesuffix(FAST_SUFFIX) not in MODELS]
+    unknown = [m for m in s.models if m.removesuffix(BF16_SUFFIX) not in MODELS]
     if unknown:
         raise ValueError(f"bench train: unknown models {unknown}; known: {list(MODELS)}")
     env = init_distributed("gloo")

@@ -2,12 +2,15 @@
 
 Two paths compute the same thing:
 
-* the *reference* (``*_padded``): the formula as written, on a padded ``[B, T, D]`` block with a mask,
-  scoring ``[b, c, b - c, b * c]`` through an MLP;
-* the *fast path* (jagged): only the N real behaviours of the batch are touched (no padding), and the first
-  layer is split algebraically,
+* the *reference* (``*_padded``, ``scores_reference``): the formula as written, on a padded ``[B, T, D]``
+  block with a mask, scoring ``[b, c, b - c, b * c]`` through an MLP with Dice's plain formula;
+* the *fast path* (jagged, ``forward``): only the N real behaviours of the batch are touched (no padding),
+  and the first layer is split algebraically,
   ``W [b, c, b-c, b*c] = (W_b + W_d) b + (W_c - W_d) c + W_p (b*c)``,
-  so the candidate-side product is computed once per sample (B rows), not once per behaviour (N rows).
+  so the candidate-side product is computed once per sample (B rows), not once per behaviour (N rows), and
+  the behaviour side is one ``[N, 2D] x [2D, H]`` matmul on ``[b, b*c]``; Dice runs through ATen's
+  batch-norm kernel and :class:`~din_torchrec.modules.activations.DiceGate` (fused passes, written-out
+  backward).
 
 Tests check the fast path against the reference on random jagged inputs, empty and length-1 histories
 included.
@@ -18,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from din_torchrec.modules.activations import make_activation
+from din_torchrec.modules.activations import apply_reference, make_activation
 from din_torchrec.modules.mlp import MLP
 
 
@@ -87,7 +90,8 @@ class LocalActivationUnit(nn.Module):
             ``[M]`` scores.
         """
         x = torch.cat([behaviours, candidates, behaviours - candidates, behaviours * candidates], dim=-1)
-        return self.rest(self.first_activation(self.first(x))).squeeze(-1)
+        h = apply_reference(self.first_activation, self.first(x))
+        return self.rest.forward_reference(h).squeeze(-1)
 
     def scores_jagged(
         self, behaviours: torch.Tensor, candidates: torch.Tensor, segments: torch.Tensor
@@ -103,9 +107,11 @@ class LocalActivationUnit(nn.Module):
             ``[N]`` scores, equal to :meth:`scores_reference` on ``candidates[segments]``.
         """
         w_b, w_c, w_d, w_p = self.first.weight.split(self.embedding_dim, dim=1)
-        cand_rows = candidates.index_select(0, segments)
-        cand_part = torch.addmm(self.first.bias, candidates, (w_c - w_d).t()).index_select(0, segments)
-        h = cand_part + behaviours @ (w_b + w_d).t() + (behaviours * cand_rows) @ w_p.t()
+        # Candidate side once per sample: (W_c - W_d) c + bias, [B, H].
+        cand_part = torch.addmm(self.first.bias, candidates, (w_c - w_d).t())
+        # Behaviour side as one matmul: [b, b*c] @ [W_b + W_d; W_p]^T, [N, H], plus the candidate rows.
+        x = torch.cat([behaviours, behaviours * candidates.index_select(0, segments)], dim=1)
+        h = torch.addmm(cand_part.index_select(0, segments), x, torch.cat([w_b + w_d, w_p], dim=1).t())
         return self.rest(self.first_activation(h)).squeeze(-1)
 
 
@@ -171,7 +177,7 @@ class TargetAttentionPooling(nn.Module):
         cand = candidates.unsqueeze(1).expand(b, t, d)
         # Score only the real positions: Dice's batch statistics must not see padding.
         real_scores = self.unit.scores_reference(behaviours[mask], cand[mask])
-        scores = behaviours.new_zeros(b, t).masked_scatter(mask, real_scores)
+        scores = real_scores.new_zeros(b, t).masked_scatter(mask, real_scores)
         if self.normalization == "softmax":
             weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=1)
             weights = torch.nan_to_num(weights, nan=0.0)  # rows without any behaviour

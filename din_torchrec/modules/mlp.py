@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from din_torchrec.modules.activations import make_activation
+from din_torchrec.modules.activations import apply_reference, make_activation
 
 
 class MLP(nn.Module):
@@ -44,3 +44,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` with every Dice through its plain formula (a reference for tests and benchmarks)."""
+        for layer in self.layers:
+            x = apply_reference(layer, x)
+        return x

@@ -199,9 +199,10 @@ class SessionTargetAttention(nn.Module):
         else:
             assert self.unit is not None
             b, k, w = keys.shape
-            cand = self.project(query).unsqueeze(1).expand(b, k, w)
-            real_scores = self.unit.scores_reference(keys[mask], cand[mask])
-            scores = keys.new_zeros(b, k).masked_scatter(mask, real_scores)
+            # Jagged over the real (sample, session) pairs: the rows of a sample are contiguous in keys[mask].
+            segments = mask.nonzero()[:, 0]
+            real_scores = self.unit.scores_jagged(keys[mask], self.project(query), segments)
+            scores = real_scores.new_zeros(b, k).masked_scatter(mask, real_scores)
         weights = masked_softmax(scores, mask)
         return torch.einsum("bk,bkw->bw", weights, keys), weights
 

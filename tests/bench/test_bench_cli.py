@@ -83,7 +83,7 @@ def test_bench_embeddings_small(tmp_path: Path) -> None:
 
 
 def test_bench_train_small(tmp_path: Path) -> None:
-    models = "base,din,dien,dsin,din+fast,dien+fast"
+    models = "base,din,dien,dsin,din+bf16,dien+bf16"
     assert (
         cli.main(["bench", "train", "--small", "--threads", "1", "--models", models, "--out", str(tmp_path)])
         == 0
@@ -104,9 +104,11 @@ def test_bench_kernels_small_and_every_fast_path_agrees_with_its_reference(tmp_p
     names = {r["name"] for r in report["results"]}
     assert {
         "din_attention",
-        "din_attention_fused",
+        "din_scores",
+        "dien_extractor",
+        "dien_extractor_vs_packed_gru",
         "dien_evolution",
-        "dien_extractor_bucketed",
+        "dien_evolution_vs_autograd_loop",
         "dsin_extractor",
     } <= names
     for r in report["results"]:
@@ -167,7 +169,7 @@ def test_bench_compare_small_without_the_peer_and_the_peer_arrays(tmp_path: Path
     from din_torchrec.bench.compare import CompareSettings, export_arrays
 
     data = tmp_path / "data"
-    argv = ["bench", "compare", "--small", "--no-peer", "--no-fast", "--threads", "1"]
+    argv = ["bench", "compare", "--small", "--no-peer", "--no-bf16", "--threads", "1"]
     argv += ["--data", str(data), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)]
     code = cli.main(argv)
     assert code == 0

@@ -235,8 +235,8 @@ def test_evolution_fast_path_equals_per_sample_reference_forward_and_grad(
 
 @pytest.mark.parametrize("kind", EVOLUTION_KINDS)
 def test_evolution_steps_touch_only_active_samples(kind: str) -> None:
-    """Each step runs on its active samples only: N rows in all, over max(lengths) steps; a padded loop would
-    run B rows per step."""
+    """Each step of the packed loop runs on its active samples only: N rows in all, over max(lengths) steps; a
+    padded loop would run B rows per step. The single-node recurrence of ``forward`` gives the same."""
     torch.manual_seed(5)
     ev = InterestEvolution(4, 4, 4, kind=kind, attention_hidden=[6], attention_activation="prelu")
     lens = torch.tensor([1, 6, 0, 3, 6, 2])
@@ -249,9 +249,13 @@ def test_evolution_steps_touch_only_active_samples(kind: str) -> None:
         return step(x_proj, h, att)
 
     ev.cell.step = counting_step
-    ev(torch.randn(18, 4), lens, torch.randn(6, 4))
+    states, cand = torch.randn(18, 4), torch.randn(6, 4)
+    final_loop, att_loop = ev.forward_loop(states, lens, cand)
     assert rows == [5, 4, 3, 2, 2, 2]
     assert sum(rows) == int(lens.sum())
+    final, att = ev(states, lens, cand)
+    torch.testing.assert_close(final, final_loop)
+    torch.testing.assert_close(att, att_loop)
 
 
 def test_evolution_is_equivariant_to_batch_order_and_attention_sums_to_one() -> None:

@@ -1,0 +1,215 @@
+"""Gated recurrences over packed jagged sequences with a hand-written backward (backpropagation through time).
+
+DIEN runs two recurrences per batch: the interest extractor's GRU and the interest evolution's AUGRU. Each step
+is a ``[b_t, H] x [H, G H]`` matmul and a dozen element-wise ops on small tensors, so with autograd the time
+goes to recording and replaying a graph of ~25 nodes per step (and to the zero-filled gradient copies of every
+slice). :class:`PackedRecurrence` runs the whole loop as one autograd node:
+
+* forward: per step, one ``addmm`` and the gate arithmetic, writing states, gates and ``U_n h`` into packed
+  ``[N, .]`` buffers (saved for the backward; no graph);
+* backward: per step, the gate derivatives with ATen's fused ``sigmoid_backward`` / ``tanh_backward`` and one
+  ``addmm`` for the gradient flowing to the previous state; the weight gradient ``dU = sum_t dhh_t^T h_{t-1}`` is
+  **one** ``[G H, N] x [N, H]`` matmul after the loop instead of one per step.
+
+Rows are in the packed layout of :class:`~din_torchrec.modules.interest_evolution.PackedLayout` (time-major,
+samples ranked by length, longest first), so the ``b_t`` samples active at step ``t`` are the first ``b_t``
+ranks and their previous states are a prefix of the previous step's rows.
+
+Cells (``G`` gates per state unit; ``x`` already projected and biased, ``hh = U h (+ b_hh)``):
+
+==========  ==========  ======================================================================================
+mode        gate rows   update (``k`` is the weight of the old state: ``h' = k h + (1 - k) n``)
+==========  ==========  ======================================================================================
+``gru``     r, z, n     ``torch.nn.GRU``: ``n = tanh(x_n + r (U_n h + b_hn))``, ``k = z``
+``augru``   u, r, n     DIEN's AUGRU: ``n = tanh(x_n + r U_n h)``, ``k = 1 - a u`` (``a`` the attention)
+``ugru``    u, r, n     the same GRU without attention (``k = 1 - u``; AIGRU after scaling its input)
+``agru``    r, n        DIEN's AGRU: the attention replaces the update gate, ``k = 1 - a``
+==========  ==========  ======================================================================================
+
+The autograd loops these replace stay in the tests as references (``InterestEvolution.forward_reference`` and
+the cells' ``step``, ``InterestExtractor.forward_packed``): values and gradients are compared there, on random
+jagged batches with empty and length-1 histories.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MODES = ("gru", "augru", "ugru", "agru")
+
+
+def _num_sigmoid_gates(mode: str) -> int:
+    return 1 if mode == "agru" else 2
+
+
+class PackedRecurrence(torch.autograd.Function):
+    """``states = PackedRecurrence.apply(x, att, weight_hh, bias_hh, steps, mode)``.
+
+    Args (of ``apply``):
+        x: ``[N, G H]`` packed input pre-activations (``W x + b``), gate rows as in the module table.
+        att: ``[N]`` packed attention (``augru`` / ``agru``), else None.
+        weight_hh: ``[G H, H]``.
+        bias_hh: ``[G H]`` (``gru`` only), else None.
+        steps: active samples per step (``PackedLayout.steps``), non-increasing, summing to N.
+        mode: one of :data:`MODES`.
+
+    Returns:
+        ``[N, H]`` packed states, row ``i`` the state after the step of row ``i`` (zero initial state).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: torch.Tensor,
+        att: torch.Tensor | None,
+        weight_hh: torch.Tensor,
+        bias_hh: torch.Tensor | None,
+        steps: list[int],
+        mode: str,
+    ) -> torch.Tensor:
+        n_rows, hidden = x.shape[0], weight_hh.shape[1]
+        ns = _num_sigmoid_gates(mode)
+        wt = weight_hh.t()
+        out = x.new_empty(n_rows, hidden)
+        sig = x.new_empty(n_rows, ns * hidden)  # sigmoid gates
+        cand = x.new_empty(n_rows, hidden)  # n
+        hh_n = x.new_empty(n_rows, hidden)  # U_n h (+ b_hn)
+        h = x.new_zeros(steps[0] if steps else 0, hidden)
+        start = 0
+        for b in steps:
+            rows = slice(start, start + b)
+            hp = h[:b]
+            hh = torch.addmm(bias_hh, hp, wt) if bias_hh is not None else hp @ wt
+            xs = x[rows]
+            s = torch.sigmoid(xs[:, : ns * hidden] + hh[:, : ns * hidden], out=sig[rows])
+            hn = hh[:, ns * hidden :]
+            hh_n[rows] = hn
+            r = s[:, :hidden] if mode in ("gru", "agru") else s[:, hidden:]
+            n = torch.tanh(torch.addcmul(xs[:, ns * hidden :], r, hn), out=cand[rows])
+            if mode == "gru":
+                k = s[:, hidden:]
+            elif mode == "augru":
+                k = torch.addcmul(torch.ones_like(n), s[:, :hidden], att[rows].unsqueeze(1), value=-1)  # type: ignore[index]
+            elif mode == "ugru":
+                k = 1 - s[:, :hidden]
+            else:  # agru
+                k = (1 - att[rows]).unsqueeze(1)  # type: ignore[index]
+            h = torch.addcmul(n, k, hp - n, out=out[rows])
+            start += b
+        ctx.steps = list(steps)
+        ctx.mode = mode
+        ctx.has_bias = bias_hh is not None
+        ctx.save_for_backward(att, weight_hh, out, sig, cand, hh_n)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        att, weight_hh, out, sig, cand, hh_n = ctx.saved_tensors
+        steps: list[int] = ctx.steps
+        mode: str = ctx.mode
+        n_rows, hidden = out.shape
+        ns = _num_sigmoid_gates(mode)
+        g = (ns + 1) * hidden
+        grad_out = grad_out.contiguous()
+        dx = out.new_empty(n_rows, g)  # also dhh for the sigmoid gates (same derivative)
+        dhh_n = out.new_empty(n_rows, hidden)
+        h_prev = out.new_zeros(n_rows, hidden)
+        datt = out.new_zeros(n_rows) if att is not None else None
+        starts = [0]
+        for b in steps[:-1]:
+            starts.append(starts[-1] + b)
+        carry: torch.Tensor | None = None  # d loss / d h of the previous-step rows, from later steps
+        for t in range(len(steps) - 1, -1, -1):
+            b, start = steps[t], starts[t]
+            rows = slice(start, start + b)
+            dh = grad_out[rows]
+            if carry is not None:
+                c = carry.shape[0]
+                dh = torch.cat([dh[:c] + carry, dh[c:]]) if c < b else dh + carry
+            if t > 0:
+                hp = out[starts[t - 1] : starts[t - 1] + b]
+                h_prev[rows] = hp
+            else:
+                hp = h_prev[rows]  # zeros
+            s = sig[rows]
+            n = cand[rows]
+            if mode == "gru":
+                k = s[:, hidden:]
+            elif mode == "augru":
+                a = att[rows].unsqueeze(1)
+                u = s[:, :hidden]
+                k = torch.addcmul(torch.ones_like(n), u, a, value=-1)
+            elif mode == "ugru":
+                k = 1 - s[:, :hidden]
+            else:
+                a = att[rows].unsqueeze(1)
+                k = 1 - a
+            dk = dh * (hp - n)  # d h' / d k = h - n
+            dgn = torch.ops.aten.tanh_backward(dh - dh * k, n)  # d n = dh (1 - k)
+            dx[rows, ns * hidden :] = dgn
+            hn = hh_n[rows]
+            r = s[:, :hidden] if mode in ("gru", "agru") else s[:, hidden:]
+            torch.mul(dgn, r, out=dhh_n[rows])
+            dr = dgn * hn
+            if mode == "gru":
+                dsig = torch.cat([dr, dk], dim=1)
+            elif mode == "augru":
+                datt[rows] = -(dk * u).sum(1)  # type: ignore[index]
+                dsig = torch.cat([-dk * a, dr], dim=1)
+            elif mode == "ugru":
+                dsig = torch.cat([-dk, dr], dim=1)
+            else:
+                datt[rows] = -dk.sum(1)  # type: ignore[index]
+                dsig = dr
+            dgs = torch.ops.aten.sigmoid_backward(dsig, s)
+            dx[rows, : ns * hidden] = dgs
+            if t > 0:
+                dhh = torch.cat([dgs, dhh_n[rows]], dim=1)
+                carry = torch.addmm(dh * k, dhh, weight_hh)
+        dhh_all = torch.cat([dx[:, : ns * hidden], dhh_n], dim=1)
+        dweight = dhh_all.t() @ h_prev
+        dbias = dhh_all.sum(0) if ctx.has_bias else None
+        return dx, datt, dweight, dbias, None, None
+
+
+def packed_recurrence(
+    x: torch.Tensor,
+    att: torch.Tensor | None,
+    weight_hh: torch.Tensor,
+    bias_hh: torch.Tensor | None,
+    steps: list[int],
+    mode: str,
+) -> torch.Tensor:
+    """:class:`PackedRecurrence` with its arguments checked; ``[N, G H] -> [N, H]`` (see there)."""
+    if mode not in MODES:
+        raise ValueError(f"packed_recurrence: mode must be one of {MODES}, got {mode!r}")
+    hidden = weight_hh.shape[1]
+    gates = (_num_sigmoid_gates(mode) + 1) * hidden
+    if x.dim() != 2 or x.shape[1] != gates or weight_hh.shape[0] != gates:
+        raise ValueError(
+            f"packed_recurrence ({mode}): expected x [N, {gates}] and weight_hh [{gates}, {hidden}], "
+            f"got {tuple(x.shape)} and {tuple(weight_hh.shape)}"
+        )
+    if (att is None) != (mode not in ("augru", "agru")):
+        raise ValueError(f"packed_recurrence ({mode}): att is {'required' if att is None else 'not used'}")
+    if (bias_hh is None) != (mode != "gru"):
+        raise ValueError(
+            f"packed_recurrence ({mode}): bias_hh is {'required' if bias_hh is None else 'not used'}"
+        )
+    if sum(steps) != x.shape[0]:
+        raise ValueError(f"packed_recurrence: steps sum to {sum(steps)}, x has {x.shape[0]} rows")
+    if x.shape[0] == 0:
+        return x.new_zeros(0, hidden) + 0 * weight_hh.sum()
+    if x.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(x.device.type):
+        # The recurrence accumulates over up to T steps: it runs in float32 under mixed precision (the
+        # buffers are allocated in x's dtype, so autocast must not change the dtype of the ops inside).
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return PackedRecurrence.apply(
+                x.float(),
+                None if att is None else att.float(),
+                weight_hh.float(),
+                None if bias_hh is None else bias_hh.float(),
+                steps,
+                mode,
+            )
+    return PackedRecurrence.apply(x, att, weight_hh, bias_hh, steps, mode)
