@@ -75,7 +75,13 @@ def compare(r: dict) -> str:
         "| model | implementation | test AUC | logloss | train samples/s | peak RSS MiB |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    order = {"din_torchrec": 0, "din_torchrec+bf16": 1, "deepctr_torch": 2}
+    order = {
+        "din_torchrec": 0,
+        "din_torchrec+compile": 1,
+        "din_torchrec+bf16": 2,
+        "din_torchrec+bf16+compile": 3,
+        "deepctr_torch": 9,
+    }
     for x in sorted(r["results"], key=lambda x: (x["model"], order.get(x["implementation"], 9))):
         lines.append(
             f"| {x['model']} | {x['implementation']} | {x['auc']:.4f} | {x['logloss']:.4f} | "

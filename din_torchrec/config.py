@@ -241,6 +241,7 @@ class TrainingConfig:
     checkpoint_every_steps: int = 0
     resume: bool = False
     num_threads: int = 0
+    compile: bool = False  # torch.compile the dense hot spots (training/compile.py); needs a C++ compiler
 
 
 @dataclass

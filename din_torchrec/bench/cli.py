@@ -154,7 +154,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.models:
         s.models = _strs(args.models)
     s.peer = not args.no_peer
-    s.bf16 = not args.no_bf16
+    if args.variants is not None:
+        s.variants = [v for v in _strs(args.variants) if v and v != "none"]
     s.repeats = args.repeats
     s.threads = args.threads
     if args.venv:
@@ -221,7 +222,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     _common(p, "train")
     p.add_argument(
-        "--models", help="comma-separated (default base,din,dien,dsin); NAME+bf16: with bf16 autocast"
+        "--models",
+        help="comma-separated (default base,din,dien,dsin); NAME+bf16: bf16 autocast, NAME+compile: torch.compile of the dense hot spots, or both",
     )
     p.add_argument("--history", type=int, default=0, help="max history length (default 50)")
     p.add_argument("--dim", type=int, default=0, help="embedding dim (default 16)")
@@ -286,7 +288,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--repeats", type=int, default=1, help="runs per contender, order alternating; best counts"
     )
     p.add_argument(
-        "--no-bf16", action="store_true", help="skip the run of this project's models with bf16 autocast"
+        "--variants",
+        help="comma-separated extra runs of this project's models: compile, bf16, bf16+compile "
+        "(default compile,bf16+compile; 'none' for the plain run only)",
     )
     p.set_defaults(func=cmd_compare)
 

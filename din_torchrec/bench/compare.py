@@ -63,7 +63,9 @@ class CompareSettings:
     venv: str = str(DEFAULT_VENV)
     peer: bool = True
     repeats: int = 1  # each contender runs this many times, order alternating; the best samples/s counts
-    bf16: bool = True  # also run this project's models with bf16 autocast (training.precision: bf16)
+    # Also run this project's models as these variants ("compile": training.compile, "bf16":
+    # training.precision bf16, "bf16+compile": both); the plain fp32 eager run always runs.
+    variants: list[str] = field(default_factory=lambda: ["compile", "bf16+compile"])
 
     @classmethod
     def small(cls) -> CompareSettings:
@@ -254,14 +256,19 @@ def _run(cmd: list[str], log, env: dict[str, str] | None = None) -> None:
         )
 
 
-def run_ours(s: CompareSettings, model: str, out: Path, log, bf16: bool = False) -> dict[str, Any]:
+def run_ours(s: CompareSettings, model: str, out: Path, log, variant: str = "") -> dict[str, Any]:
     from din_torchrec.config import dump_config
 
-    run_dir = Path(s.runs_dir) / f"ours_{model}{'_bf16' if bf16 else ''}"
+    flags = set(variant.split("+")) - {""}
+    unknown = flags - {"bf16", "compile"}
+    if unknown:
+        raise ValueError(f"bench compare: unknown variant flags {sorted(unknown)} (known: bf16, compile)")
+    run_dir = Path(s.runs_dir) / f"ours_{model}{'_' + variant.replace('+', '_') if variant else ''}"
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = experiment_config(s, model, run_dir)
-    if bf16:
+    if "bf16" in flags:
         cfg.training.precision = "bf16"  # type: ignore[assignment]
+    cfg.training.compile = "compile" in flags
     (run_dir / "experiment.yaml").write_text(dump_config(cfg))
     env = dict(os.environ)
     env.pop("WORLD_SIZE", None)
@@ -272,7 +279,7 @@ def run_ours(s: CompareSettings, model: str, out: Path, log, bf16: bool = False)
     )
     m = json.loads((run_dir / "metrics.json").read_text())
     return {
-        "implementation": "din_torchrec+bf16" if bf16 else "din_torchrec",
+        "implementation": "din_torchrec" + (f"+{variant}" if variant else ""),
         "model": model,
         "auc": m["final"]["auc"],
         "logloss": m["final"]["logloss"],
@@ -336,15 +343,13 @@ def run_compare(s: CompareSettings, out_dir: str | Path, log=print) -> dict[str,
         # Alternate who goes first, so that a change in the machine's load hits both sides alike.
         for model in s.models:
             contenders = (
-                [("ours", False)]
-                + ([("ours", True)] if s.bf16 else [])
-                + ([("peer", False)] if s.peer else [])
+                [("ours", "")] + [("ours", v) for v in s.variants if v] + ([("peer", "")] if s.peer else [])
             )
             if rep % 2 == 1:
                 contenders.reverse()
-            for side, bf16 in contenders:
+            for side, variant in contenders:
                 if side == "ours":
-                    r = run_ours(s, model, out, log, bf16)
+                    r = run_ours(s, model, out, log, variant)
                 else:
                     assert py is not None and arrays is not None
                     r = run_peer(s, model, arrays, out, py, log)
@@ -355,7 +360,11 @@ def run_compare(s: CompareSettings, out_dir: str | Path, log=print) -> dict[str,
                 )
     # Per (model, implementation): the run with the best samples/s (the least disturbed; AUCs are seeded).
     results = []
-    order = {"din_torchrec": 0, "din_torchrec+bf16": 1, "deepctr_torch": 2}
+    order = {
+        "din_torchrec": 0,
+        **{f"din_torchrec+{v}": 1 + i for i, v in enumerate(s.variants)},
+        "deepctr_torch": 9,
+    }
     runs.sort(key=lambda x: (s.models.index(x["model"]), order.get(x["implementation"], 9), x["repeat"]))
     for r in runs:
         same = [x for x in runs if x["model"] == r["model"] and x["implementation"] == r["implementation"]]

@@ -130,7 +130,13 @@ def plot_speedups(report: dict[str, Any], path: str | Path, title: str) -> None:
 def plot_compare(report: dict[str, Any], path: str | Path) -> None:
     """Samples/s and AUC of this project's models against DeepCTR-Torch's, side by side."""
     plt = _plt()
-    order = {"din_torchrec": 0, "din_torchrec+bf16": 1, "deepctr_torch": 2}
+    order = {
+        "din_torchrec": 0,
+        "din_torchrec+compile": 1,
+        "din_torchrec+bf16": 2,
+        "din_torchrec+bf16+compile": 3,
+        "deepctr_torch": 9,
+    }
     rs = sorted(report["results"], key=lambda r: (r["model"], order.get(r["implementation"], 9)))
     labels = [f"{r['model']}\n{r['implementation'].replace('din_torchrec', 'ours')}" for r in rs]
     colors = ["tab:orange" if r["implementation"] == "deepctr_torch" else "tab:blue" for r in rs]

@@ -34,7 +34,15 @@ from typing import Any
 import torch
 
 MODELS = ("base", "din", "dien", "dsin")
-BF16_SUFFIX = "+bf16"  # e.g. "din+bf16": the model under bf16 autocast (training.precision: bf16)
+# Variants: "din+bf16" (training.precision: bf16), "din+compile" (training.compile: torch.compile of the dense
+# hot spots), "din+bf16+compile" (both).
+VARIANTS = ("bf16", "compile")
+
+
+def parse_label(label: str) -> tuple[str, set[str]]:
+    """``"din+bf16+compile"`` -> ``("din", {"bf16", "compile"})``."""
+    name, *flags = label.split("+")
+    return name, set(flags)
 
 
 def rss_mb() -> float:
@@ -159,7 +167,6 @@ def bench_config(s: TrainSettings, model: str):
 @dataclass
 class _Built:
     name: str
-    bf16: bool
     cfg: Any
     model: Any
     opt: Any
@@ -176,14 +183,14 @@ def _build(s: TrainSettings, label: str, env: Any) -> _Built:
     from din_torchrec.models import build_model
     from din_torchrec.training.trainer import needs_negatives, train_micro_step
 
-    bf16 = label.endswith(BF16_SUFFIX)
-    name = label.removesuffix(BF16_SUFFIX)
+    name, flags = parse_label(label)
     _trim()
     before = rss_mb()
     t0 = time.perf_counter()
     cfg = bench_config(s, name)
-    if bf16:
+    if "bf16" in flags:
         cfg.training.precision = "bf16"  # type: ignore[assignment]
+    cfg.training.compile = "compile" in flags
     g = torch.Generator().manual_seed(s.seed)
     batches = []
     for _ in range(s.pool):
@@ -204,13 +211,17 @@ def _build(s: TrainSettings, label: str, env: Any) -> _Built:
     with PeakRSS() as peak:
         torch.manual_seed(s.seed)
         model = shard_model(build_model(cfg), env, cfg.features, cfg.training, s.batch)
+        if cfg.training.compile:
+            from din_torchrec.training.compile import compile_hot_paths
+
+            compile_hot_paths(model)
         opt = dense_optimizer(model, cfg.training)
         params = list(opt.params.values())
         model.train()
         for i in range(s.warmup):
             train_micro_step(model, opt, params, batches[i % len(batches)], cfg, env)
     return _Built(
-        label, bf16, cfg, model, opt, params, batches, peak.peak, peak.peak - before, time.perf_counter() - t0
+        label, cfg, model, opt, params, batches, peak.peak, peak.peak - before, time.perf_counter() - t0
     )
 
 
@@ -268,9 +279,14 @@ def run_train(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    unknown = [m for m in s.models if m.removesuffix(BF16_SUFFIX) not in MODELS]
+    unknown = [
+        m for m in s.models if parse_label(m)[0] not in MODELS or not parse_label(m)[1] <= set(VARIANTS)
+    ]
     if unknown:
-        raise ValueError(f"bench train: unknown models {unknown}; known: {list(MODELS)}")
+        raise ValueError(
+            f"bench train: unknown models {unknown}; known: {list(MODELS)}, each optionally with "
+            f"+{' / +'.join(VARIANTS)}"
+        )
     env = init_distributed("gloo")
     t_start = time.perf_counter()
     built = []

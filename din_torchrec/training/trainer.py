@@ -311,6 +311,11 @@ class Trainer:
         self.dense_params = clipped_parameters(self.model)
         self.optimizer = combined_optimizer(self.model, self.dense_opt)
         self.state = TrainState()
+        if cfg.training.compile:
+            from din_torchrec.training.compile import compile_hot_paths
+
+            compiled = compile_hot_paths(self.model)
+            self._log(f"torch.compile (dynamic shapes): {', '.join(compiled) or 'nothing found to compile'}")
 
     def _log(self, msg: str) -> None:
         if self.env.is_main:

@@ -83,7 +83,7 @@ def test_bench_embeddings_small(tmp_path: Path) -> None:
 
 
 def test_bench_train_small(tmp_path: Path) -> None:
-    models = "base,din,dien,dsin,din+bf16,dien+bf16"
+    models = "base,din,dien,dsin,din+bf16,dien+bf16+compile"
     assert (
         cli.main(["bench", "train", "--small", "--threads", "1", "--models", models, "--out", str(tmp_path)])
         == 0
@@ -169,7 +169,7 @@ def test_bench_compare_small_without_the_peer_and_the_peer_arrays(tmp_path: Path
     from din_torchrec.bench.compare import CompareSettings, export_arrays
 
     data = tmp_path / "data"
-    argv = ["bench", "compare", "--small", "--no-peer", "--no-bf16", "--threads", "1"]
+    argv = ["bench", "compare", "--small", "--no-peer", "--variants", "none", "--threads", "1"]
     argv += ["--data", str(data), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)]
     code = cli.main(argv)
     assert code == 0
