@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from din_torchrec.bench.plots import implementation_rank
+
 
 def _load(folder: Path, name: str) -> dict | None:
     p = folder / f"{name}.json"
@@ -72,25 +74,22 @@ def kernels(r: dict) -> str:
 
 def compare(r: dict) -> str:
     lines = [
-        "| model | implementation | test AUC | logloss | train samples/s | peak RSS MiB |",
-        "|---|---|---:|---:|---:|---:|",
+        "| model | implementation | test AUC | logloss | train samples/s | last epoch samples/s | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
-    order = {
-        "din_torchrec": 0,
-        "din_torchrec+compile": 1,
-        "din_torchrec+bf16": 2,
-        "din_torchrec+bf16+compile": 3,
-        "deepctr_torch": 9,
-    }
-    for x in sorted(r["results"], key=lambda x: (x["model"], order.get(x["implementation"], 9))):
+    for x in sorted(r["results"], key=lambda x: (x["model"], implementation_rank(x["implementation"]))):
         lines.append(
             f"| {x['model']} | {x['implementation']} | {x['auc']:.4f} | {x['logloss']:.4f} | "
-            f"{x['train_samples_per_s']:,.0f} | {x.get('peak_rss_mb', 0):.0f} |"
+            f"{x['train_samples_per_s']:,.0f} | {x['epochs'][-1]['train_samples_per_s']:,.0f} | "
+            f"{x.get('peak_rss_mb', 0):.0f} |"
         )
     lines.append("")
     for k, q in r.get("ratios", {}).items():
+        last = q.get("last_epoch_samples_per_s_ratio")
         lines.append(
-            f"- {k} vs deepctr_torch: **x{q['samples_per_s_ratio']:.1f}** samples/s, AUC {q['auc_difference']:+.4f}"
+            f"- {k} vs deepctr_torch: **x{q['samples_per_s_ratio']:.1f}** samples/s"
+            + (f" (last epoch x{last:.1f})" if last else "")
+            + f", AUC {q['auc_difference']:+.4f}"
         )
     return "\n".join(lines)
 
@@ -108,6 +107,25 @@ def prefetch(r: dict) -> str:
     return "\n".join(lines)
 
 
+def gpu_check(r: dict) -> str:
+    lines = [
+        f"{r['device_name']}, torch {r['torch']}, {r['preset']} preset; {r['timing']}",
+        "",
+        "| dtype | case | reference | B | fast samples/s | reference samples/s | speed-up (best) | speed-up (median) | max diff out |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for x in r["results"]:
+        if "error" in x:
+            lines.append(f"| {x['dtype']} | {x['name']} | failed: {x['error']} | {x['batch']} | | | | | |")
+            continue
+        lines.append(
+            f"| {x['dtype']} | {x['name']} | {x['reference']} | {x['batch']} | {x['samples_per_s_fast']:,.0f} | "
+            f"{x['samples_per_s_reference']:,.0f} | **{x['speedup']:.1f}x** | {x['speedup_median']:.1f}x | "
+            f"{x['max_abs_diff']:.0e} |"
+        )
+    return "\n".join(lines)
+
+
 def main(folder: str) -> None:
     f = Path(folder)
     for name, fn in (
@@ -120,6 +138,8 @@ def main(folder: str) -> None:
         r = _load(f, name) or _load(f / name, name)
         if r is not None:
             print(f"### {name}\n\n{fn(r)}\n")
+    for path in sorted((f / "gpu").glob("gpu_check*.json")):
+        print(f"### {path.stem}\n\n{gpu_check(json.loads(path.read_text()))}\n")
 
 
 if __name__ == "__main__":

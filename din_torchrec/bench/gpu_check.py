@@ -81,6 +81,7 @@ CASES = [
     "dien_extractor_vs_packed_gru",
     "dien_evolution_vs_padded",
     "dien_evolution_vs_autograd_loop",
+    "dien_augru",
     "dien_evolution",
     "dien_aux_loss",
     "dsin_extractor",

@@ -20,6 +20,7 @@ Cases (the module each fast path lives in):
 * ``dien_evolution``: ``InterestEvolution.forward`` (packed AUGRU recurrence, one autograd node) vs
   ``forward_reference`` (per sample, per step), vs a padded time loop (all B samples every step, masked) and
   vs ``forward_loop`` (the same packed loop with autograd recording every cell step);
+* ``dien_augru``: the AUGRU recurrence alone, one autograd node vs the packed loop of ``AUGRUCell.step``;
 * ``dien_aux_loss``: ``AuxiliaryNextBehaviourLoss.forward`` vs ``forward_reference`` (per pair);
 * ``dsin_extractor``: ``SessionInterestExtractor`` over all sessions of the batch at once vs a loop over
   sessions;
@@ -357,6 +358,41 @@ def dien_evolution_case(
     )
 
 
+def dien_augru_case(batch: int, history: int, hidden: int, lengths_mode: str, seed: int) -> Case:
+    """The AUGRU recurrence alone (no attention): :func:`~din_torchrec.modules.recurrence.packed_recurrence`
+    (one autograd node) vs the same packed loop of ``AUGRUCell.step`` under autograd."""
+    from din_torchrec.modules.interest_evolution import AUGRUCell, packed_layout
+    from din_torchrec.modules.recurrence import packed_recurrence
+
+    g = _gen(seed)
+    torch.manual_seed(seed)
+    cell = AUGRUCell(hidden, hidden)
+    lengths = random_lengths(batch, history, lengths_mode, g)
+    steps = packed_layout(lengths).steps
+    n = int(lengths.sum())
+    x = torch.randn(n, hidden, generator=g).requires_grad_()
+    att = torch.rand(n, generator=g).requires_grad_()
+
+    def fast() -> Outputs:
+        return packed_recurrence(cell.project_input(x) + cell.bias, att, cell.weight_hh, None, steps, "augru")
+
+    def loop() -> Outputs:
+        # As InterestEvolution.forward_loop: `split`, not slicing, for the shrinking batch (a slice's backward
+        # writes a zero-filled copy of the whole tensor each step, which would flatter the fast path).
+        outs, h = [], x.new_zeros(steps[0] if steps else 0, hidden)
+        x_steps = cell.project_input(x).split(steps)
+        for x_t, a_t, b in zip(x_steps, att.split(steps), steps):
+            if b < h.shape[0]:
+                h = h.split([b, h.shape[0] - b])[0]
+            h = cell.step(x_t, h, a_t)
+            outs.append(h)
+        return torch.cat(outs)
+
+    return Case(
+        "dien_augru", fast, loop, [x, att], [cell], batch, n, reference_name="packed loop of AUGRUCell.step"
+    )
+
+
 def dien_aux_case(batch: int, history: int, hidden: int, dim: int, lengths_mode: str, seed: int) -> Case:
     from din_torchrec.modules.interest_evolution import AuxiliaryNextBehaviourLoss
 
@@ -503,6 +539,7 @@ def build_cases(s: KernelSettings) -> list[Case]:
         "dien_evolution_vs_autograd_loop": lambda: dien_evolution_case(
             b, t, d, s.hidden, s.activation, s.lengths, s.seed, "autograd"
         ),
+        "dien_augru": lambda: dien_augru_case(b, t, d, s.lengths, s.seed),
         "dien_aux_loss": lambda: dien_aux_case(lb, t, d, d, s.lengths, s.seed),
         "dsin_extractor": lambda: dsin_extractor_case(
             b, t, d, s.dsin_heads, s.dsin_max_sessions, s.dsin_max_session_length, s.lengths, s.seed

@@ -127,17 +127,22 @@ def plot_speedups(report: dict[str, Any], path: str | Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_compare(report: dict[str, Any], path: str | Path) -> None:
-    """Samples/s and AUC of this project's models against DeepCTR-Torch's, side by side."""
-    plt = _plt()
-    order = {
+def implementation_rank(name: str) -> int:
+    """Order of the contenders in the comparison tables and charts: this project's plain run, its
+    variants, then the peer."""
+    ranks = {
         "din_torchrec": 0,
         "din_torchrec+compile": 1,
         "din_torchrec+bf16": 2,
         "din_torchrec+bf16+compile": 3,
-        "deepctr_torch": 9,
     }
-    rs = sorted(report["results"], key=lambda r: (r["model"], order.get(r["implementation"], 9)))
+    return ranks.get(name, 4 if name.startswith("din_torchrec") else 9)
+
+
+def plot_compare(report: dict[str, Any], path: str | Path) -> None:
+    """Samples/s and AUC of this project's models against DeepCTR-Torch's, side by side."""
+    plt = _plt()
+    rs = sorted(report["results"], key=lambda r: (r["model"], implementation_rank(r["implementation"])))
     labels = [f"{r['model']}\n{r['implementation'].replace('din_torchrec', 'ours')}" for r in rs]
     colors = ["tab:orange" if r["implementation"] == "deepctr_torch" else "tab:blue" for r in rs]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2))

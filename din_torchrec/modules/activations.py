@@ -26,9 +26,9 @@ class DiceGate(torch.autograd.Function):
         x, p, gate, one_minus_alpha = ctx.saved_tensors
         grad_x = grad * gate
         t = grad * x  # d out / d gate
-        tp = t * p
-        grad_alpha = t.sum(0) - tp.sum(0)  # sum over rows of t (1 - p)
-        grad_z = tp.sub_(tp * p).mul_(one_minus_alpha)  # t (1 - alpha) p (1 - p)
+        q = t.addcmul_(t, p, value=-1)  # t (1 - p), in place: t is not needed again
+        grad_alpha = q.sum(0)
+        grad_z = q.mul_(p).mul_(one_minus_alpha)  # t (1 - p) p (1 - alpha)
         return grad_x, grad_z, grad_alpha
 
 

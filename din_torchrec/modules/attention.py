@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from din_torchrec.modules.activations import apply_reference, make_activation
-from din_torchrec.modules.mlp import MLP
+from din_torchrec.modules.mlp import MLP, row_bucketed
 
 
 def segment_ids(lengths: torch.Tensor) -> torch.Tensor:
@@ -111,7 +111,9 @@ class LocalActivationUnit(nn.Module):
         cand_part = torch.addmm(self.first.bias, candidates, (w_c - w_d).t())
         # Behaviour side as one matmul: [b, b*c] @ [W_b + W_d; W_p]^T, [N, H], plus the candidate rows.
         x = torch.cat([behaviours, behaviours * candidates.index_select(0, segments)], dim=1)
-        h = torch.addmm(cand_part.index_select(0, segments), x, torch.cat([w_b + w_d, w_p], dim=1).t())
+        w_beh = torch.cat([w_b + w_d, w_p], dim=1).t()
+        # Rows padded to a bucket under bf16 on the CPU: a bounded set of matmul shapes (see mlp.ROW_BUCKET).
+        h = row_bucketed(lambda v, c: torch.addmm(c, v, w_beh), x, cand_part.index_select(0, segments))
         return self.rest(self.first_activation(h)).squeeze(-1)
 
 

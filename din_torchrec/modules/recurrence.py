@@ -69,23 +69,26 @@ class PackedRecurrence(torch.autograd.Function):
     ) -> torch.Tensor:
         n_rows, hidden = x.shape[0], weight_hh.shape[1]
         ns = _num_sigmoid_gates(mode)
+        g = (ns + 1) * hidden
         wt = weight_hh.t()
         out = x.new_empty(n_rows, hidden)
         sig = x.new_empty(n_rows, ns * hidden)  # sigmoid gates
         cand = x.new_empty(n_rows, hidden)  # n
-        hh_n = x.new_empty(n_rows, hidden)  # U_n h (+ b_hn)
+        hh_all = x.new_empty(n_rows, g)  # U h (+ b_hh), written in place by addmm
         h = x.new_zeros(steps[0] if steps else 0, hidden)
         start = 0
         for b in steps:
             rows = slice(start, start + b)
             hp = h[:b]
-            hh = torch.addmm(bias_hh, hp, wt) if bias_hh is not None else hp @ wt
+            hh = hh_all[rows]
+            if bias_hh is not None:
+                torch.addmm(bias_hh, hp, wt, out=hh)
+            else:
+                torch.mm(hp, wt, out=hh)
             xs = x[rows]
-            s = torch.sigmoid(xs[:, : ns * hidden] + hh[:, : ns * hidden], out=sig[rows])
-            hn = hh[:, ns * hidden :]
-            hh_n[rows] = hn
+            s = torch.add(xs[:, : ns * hidden], hh[:, : ns * hidden], out=sig[rows]).sigmoid_()
             r = s[:, :hidden] if mode in ("gru", "agru") else s[:, hidden:]
-            n = torch.tanh(torch.addcmul(xs[:, ns * hidden :], r, hn), out=cand[rows])
+            n = torch.addcmul(xs[:, ns * hidden :], r, hh[:, ns * hidden :], out=cand[rows]).tanh_()
             if mode == "gru":
                 k = s[:, hidden:]
             elif mode == "augru":
@@ -99,7 +102,7 @@ class PackedRecurrence(torch.autograd.Function):
         ctx.steps = list(steps)
         ctx.mode = mode
         ctx.has_bias = bias_hh is not None
-        ctx.save_for_backward(att, weight_hh, out, sig, cand, hh_n)
+        ctx.save_for_backward(att, weight_hh, out, sig, cand, hh_all[:, ns * hidden :])
         return out
 
     @staticmethod
@@ -110,29 +113,22 @@ class PackedRecurrence(torch.autograd.Function):
         n_rows, hidden = out.shape
         ns = _num_sigmoid_gates(mode)
         g = (ns + 1) * hidden
-        grad_out = grad_out.contiguous()
-        dx = out.new_empty(n_rows, g)  # also dhh for the sigmoid gates (same derivative)
-        dhh_n = out.new_empty(n_rows, hidden)
-        h_prev = out.new_zeros(n_rows, hidden)
+        # d loss / d h of every row: the output's gradient, plus (added below, step by step from the last)
+        # what flows back from the next step through U h and through the k h term.
+        dh_all = grad_out.clone(memory_format=torch.contiguous_format)
+        dx = out.new_empty(n_rows, g)  # d loss / d x; its sigmoid-gate columns are also d loss / d(U h)
+        dhh_n = out.new_empty(n_rows, hidden)  # d loss / d(U_n h): differs from d x_n by the factor r
         datt = out.new_zeros(n_rows) if att is not None else None
         starts = [0]
         for b in steps[:-1]:
             starts.append(starts[-1] + b)
-        carry: torch.Tensor | None = None  # d loss / d h of the previous-step rows, from later steps
         for t in range(len(steps) - 1, -1, -1):
             b, start = steps[t], starts[t]
             rows = slice(start, start + b)
-            dh = grad_out[rows]
-            if carry is not None:
-                c = carry.shape[0]
-                dh = torch.cat([dh[:c] + carry, dh[c:]]) if c < b else dh + carry
-            if t > 0:
-                hp = out[starts[t - 1] : starts[t - 1] + b]
-                h_prev[rows] = hp
-            else:
-                hp = h_prev[rows]  # zeros
+            dh = dh_all[rows]
             s = sig[rows]
             n = cand[rows]
+            hp = out[starts[t - 1] : starts[t - 1] + b] if t > 0 else torch.zeros_like(n)
             if mode == "gru":
                 k = s[:, hidden:]
             elif mode == "augru":
@@ -145,12 +141,11 @@ class PackedRecurrence(torch.autograd.Function):
                 a = att[rows].unsqueeze(1)
                 k = 1 - a
             dk = dh * (hp - n)  # d h' / d k = h - n
-            dgn = torch.ops.aten.tanh_backward(dh - dh * k, n)  # d n = dh (1 - k)
+            dgn = torch.ops.aten.tanh_backward(torch.addcmul(dh, dh, k, value=-1), n)  # d n = dh (1 - k)
             dx[rows, ns * hidden :] = dgn
-            hn = hh_n[rows]
             r = s[:, :hidden] if mode in ("gru", "agru") else s[:, hidden:]
-            torch.mul(dgn, r, out=dhh_n[rows])
-            dr = dgn * hn
+            dhn = torch.mul(dgn, r, out=dhh_n[rows])
+            dr = dgn * hh_n[rows]
             if mode == "gru":
                 dsig = torch.cat([dr, dk], dim=1)
             elif mode == "augru":
@@ -164,11 +159,21 @@ class PackedRecurrence(torch.autograd.Function):
             dgs = torch.ops.aten.sigmoid_backward(dsig, s)
             dx[rows, : ns * hidden] = dgs
             if t > 0:
-                dhh = torch.cat([dgs, dhh_n[rows]], dim=1)
-                carry = torch.addmm(dh * k, dhh, weight_hh)
-        dhh_all = torch.cat([dx[:, : ns * hidden], dhh_n], dim=1)
-        dweight = dhh_all.t() @ h_prev
-        dbias = dhh_all.sum(0) if ctx.has_bias else None
+                prev = dh_all[starts[t - 1] : starts[t - 1] + b]
+                prev.addcmul_(dh, k)  # through h' = k h + ...
+                prev.addmm_(torch.cat([dgs, dhn], dim=1), weight_hh)  # through U h
+        # The state each row's step started from: row i of step t >= 1 continues row i - steps[t - 1].
+        lengths = torch.tensor(steps[1:], dtype=torch.long, device=out.device)
+        shift = torch.repeat_interleave(
+            torch.tensor(steps[:-1], dtype=torch.long, device=out.device), lengths
+        )
+        first = steps[0] if steps else 0
+        h_prev_rows = torch.arange(first, n_rows, device=out.device) - shift
+        dhh_all = torch.cat([dx[first:, : ns * hidden], dhh_n[first:]], dim=1)
+        dweight = dhh_all.t() @ out.index_select(0, h_prev_rows)  # step-0 rows start from zeros: no term
+        dbias = None
+        if ctx.has_bias:
+            dbias = torch.cat([dx[:, : ns * hidden], dhh_n], dim=1).sum(0)
         return dx, datt, dweight, dbias, None, None
 
 

@@ -160,3 +160,45 @@ def test_attention_in_eval_mode_uses_running_estimates() -> None:
     assert isinstance(dice, Dice) and float(dice.running_mean.abs().sum()) > 0
     padded, mask = _pad(beh, lengths, 30)
     torch.testing.assert_close(att(beh, lengths, cand)[0], att.forward_padded(padded, mask, cand)[0])
+
+
+def test_row_buckets_under_bf16_autocast_change_nothing_but_the_matmul_shapes(monkeypatch) -> None:
+    """Padding matmul rows to a bucket (bf16 on the CPU) gives the unpadded values and gradients: the padded
+    rows never reach Dice's statistics or the output."""
+    import din_torchrec.modules.mlp as mlp
+
+    torch.manual_seed(7)
+    monkeypatch.setattr(mlp, "ROW_BUCKET", 64)
+    lengths = torch.randint(0, 12, (30,))
+    d = 8
+    att = TargetAttentionPooling(d, [16, 8], "dice")
+    ref = copy.deepcopy(att)
+    beh = torch.randn(int(lengths.sum()), d, requires_grad=True)
+    beh_r = beh.detach().clone().requires_grad_()
+    cand = torch.randn(30, d)
+    assert int(lengths.sum()) % 64 != 0 and int(lengths.sum()) > 64
+    shapes: list[int] = []
+    real_mm = torch.addmm
+
+    def spy(c, a, b):
+        if a.shape[0] != 30:  # the candidate side (B rows) is not jagged
+            shapes.append(a.shape[0])
+        return real_mm(c, a, b)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        monkeypatch.setattr(torch, "addmm", spy)
+        out, w = att(beh, lengths, cand)
+        monkeypatch.setattr(torch, "addmm", real_mm)
+        monkeypatch.setattr(mlp, "ROW_BUCKET", 1)  # the same code path, without padding (pad is 0)
+        out_r, w_r = ref(beh_r, lengths, cand)
+    assert shapes and all(s % 64 == 0 for s in shapes), shapes
+    torch.testing.assert_close(out, out_r)
+    torch.testing.assert_close(w, w_r)
+    g = torch.randn_like(out)
+    (out.float() * g).sum().backward()
+    (out_r.float() * g).sum().backward()
+    torch.testing.assert_close(beh.grad, beh_r.grad)
+    for (name, p), p_r in zip(att.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_r.grad, msg=name)
+    for (name, b), b_r in zip(att.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, b_r, msg=name)
