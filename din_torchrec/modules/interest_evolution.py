@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from din_torchrec.modules.attention import LocalActivationUnit, complete_offsets, segment_ids, segment_softmax
-from din_torchrec.modules.mlp import MLP
+from din_torchrec.modules.mlp import MLP, row_bucketed
 from din_torchrec.modules.recurrence import packed_recurrence
 
 EVOLUTION_KINDS = ("augru", "agru", "aigru")
@@ -243,7 +243,7 @@ class InterestExtractor(nn.Module):
     The parameters are those of a one-layer :class:`torch.nn.GRU` (``self.gru``). The jagged rows are gathered
     into the packed layout (no padded block, no padded steps); on the CPU the GRU then runs as
     :func:`~din_torchrec.modules.recurrence.packed_recurrence` (one autograd node, hand-written
-    backpropagation through time: 2.6x ``nn.GRU`` on a padded block at history 200, see docs/benchmarks.md),
+    backpropagation through time: 2.3x ``nn.GRU`` on a padded block at history 200, see docs/benchmarks.md),
     on CUDA as ``nn.GRU`` on a ``PackedSequence`` (cuDNN), which :meth:`forward_packed` also is on the CPU (the
     reference the tests compare with).
 
@@ -283,7 +283,10 @@ class InterestExtractor(nn.Module):
             return self.forward_packed(behaviours, lengths, layout)
         gru = self.gru
         # Input side of every step in one matmul, gathered into packed (time-major, length-ranked) order.
-        x = torch.addmm(gru.bias_ih_l0, behaviours.index_select(0, layout.packed_index), gru.weight_ih_l0.t())
+        x = row_bucketed(  # bf16 on the CPU: a bounded set of matmul shapes (see mlp.ROW_BUCKET)
+            lambda v: torch.addmm(gru.bias_ih_l0, v, gru.weight_ih_l0.t()),
+            behaviours.index_select(0, layout.packed_index),
+        )
         packed = packed_recurrence(x, None, gru.weight_hh_l0, gru.bias_hh_l0, layout.steps, "gru")
         return packed.index_select(0, layout.unpack_index), final_states(packed, layout, lengths)
 
@@ -406,7 +409,7 @@ class InterestEvolution(nn.Module):
             return states.new_zeros(b, self.hidden_size), att
         # Input side of every step in one matmul, in packed (time-major, length-ranked) order.
         cell = self.cell
-        x = cell.project_input(states.index_select(0, layout.packed_index))
+        x = row_bucketed(cell.project_input, states.index_select(0, layout.packed_index))
         a = att.index_select(0, layout.packed_index)
         if self.kind == "aigru":
             # W (a x) = a (W x): the attention scales the projection; then a plain GRU.
