@@ -26,6 +26,22 @@ def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
+def _assert_same_backward(att, att_ref, pooled, ref_pooled, behaviours, candidates) -> None:
+    """Backward of a random weighting of both pooled outputs: the jagged behaviour gradient equals the padded
+    one at the real positions; candidate and parameter gradients and Dice's running estimates agree."""
+    (beh, padded, mask), (cand, cand_ref) = behaviours, candidates
+    g = torch.randn_like(pooled)
+    (pooled * g).sum().backward()
+    (ref_pooled * g).sum().backward()
+    torch.testing.assert_close(beh.grad, padded.grad[mask], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cand.grad, cand_ref.grad, rtol=1e-4, atol=1e-5)
+    ref_grads = _grads(att_ref)
+    for name, grad in _grads(att).items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-3, atol=1e-4, msg=name)
+    for (name, buf), ref_buf in zip(att.named_buffers(), att_ref.buffers()):
+        torch.testing.assert_close(buf, ref_buf, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_fused_dice_equals_the_formula_values_running_stats_and_grads() -> None:
     torch.manual_seed(0)
     ref = Dice(12, eps=1e-8, momentum=0.1)
@@ -86,16 +102,7 @@ def test_attention_equals_padded_reference_forward_and_grad(lengths, normalizati
     torch.testing.assert_close(pooled, ref_pooled, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(weights, ref_weights[mask], rtol=1e-4, atol=1e-5)
     assert torch.all(pooled[-2] == 0), "an empty history pools to zeros"
-    g = torch.randn_like(pooled)
-    (pooled * g).sum().backward()
-    (ref_pooled * g).sum().backward()
-    torch.testing.assert_close(beh.grad, padded.grad[mask], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(cand.grad, cand_ref.grad, rtol=1e-4, atol=1e-5)
-    ref_grads = _grads(att_ref)
-    for name, grad in _grads(att).items():
-        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-3, atol=1e-4, msg=name)
-    for (name, buf), ref_buf in zip(att.named_buffers(), att_ref.buffers()):
-        torch.testing.assert_close(buf, ref_buf, rtol=1e-4, atol=1e-6, msg=name)
+    _assert_same_backward(att, att_ref, pooled, ref_pooled, (beh, padded, mask), (cand, cand_ref))
 
 
 @pytest.mark.parametrize("normalization", ["none", "softmax"])
@@ -117,16 +124,7 @@ def test_attention_equals_padded_reference_on_a_batch_large_enough_for_the_batch
     ref_pooled, ref_weights = att_ref.forward_padded(padded, mask, cand_r)
     torch.testing.assert_close(pooled, ref_pooled, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(weights, ref_weights[mask], rtol=1e-4, atol=1e-5)
-    g = torch.randn_like(pooled)
-    (pooled * g).sum().backward()
-    (ref_pooled * g).sum().backward()
-    torch.testing.assert_close(beh.grad, padded.grad[mask], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(cand.grad, cand_r.grad, rtol=1e-4, atol=1e-5)
-    ref_grads = _grads(att_ref)
-    for name, grad in _grads(att).items():
-        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-3, atol=1e-4, msg=name)
-    for (name, buf), ref_buf in zip(att.named_buffers(), att_ref.buffers()):
-        torch.testing.assert_close(buf, ref_buf, rtol=1e-4, atol=1e-6, msg=name)
+    _assert_same_backward(att, att_ref, pooled, ref_pooled, (beh, padded, mask), (cand, cand_r))
 
 
 @pytest.mark.parametrize("activation", ["dice", "prelu", "relu"])
