@@ -5,7 +5,9 @@ the option."""
 from __future__ import annotations
 
 import copy
+import shutil
 
+import pytest
 import torch
 
 from din_torchrec.data.random_batch import random_batch
@@ -13,7 +15,11 @@ from din_torchrec.models import build_model
 from din_torchrec.training.compile import compile_hot_paths
 from tests.models.test_models import _config
 
+HAS_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+needs_cxx = pytest.mark.skipif(not HAS_CXX, reason="TorchInductor on the CPU needs a C++ compiler")
 
+
+@needs_cxx
 def test_compiled_dien_equals_eager_forward_backward_and_eval() -> None:
     torch.manual_seed(0)
     cfg = _config("dien")
