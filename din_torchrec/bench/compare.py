@@ -257,12 +257,15 @@ def _run(cmd: list[str], log, env: dict[str, str] | None = None) -> None:
 
 
 def run_ours(s: CompareSettings, model: str, out: Path, log, variant: str = "") -> dict[str, Any]:
+    from din_torchrec.bench.train import VARIANTS, parse_label
     from din_torchrec.config import dump_config
 
-    flags = set(variant.split("+")) - {""}
-    unknown = flags - {"bf16", "compile"}
+    _, flags = parse_label(f"{model}+{variant}" if variant else model)
+    unknown = flags - set(VARIANTS)
     if unknown:
-        raise ValueError(f"bench compare: unknown variant flags {sorted(unknown)} (known: bf16, compile)")
+        raise ValueError(
+            f"bench compare: unknown variant flags {sorted(unknown)} (known: {', '.join(VARIANTS)})"
+        )
     run_dir = Path(s.runs_dir) / f"ours_{model}{'_' + variant.replace('+', '_') if variant else ''}"
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = experiment_config(s, model, run_dir)
