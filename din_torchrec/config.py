@@ -242,6 +242,9 @@ class TrainingConfig:
     resume: bool = False
     num_threads: int = 0
     compile: bool = False  # torch.compile the dense hot spots (training/compile.py); needs a C++ compiler
+    # glibc keeps freed large blocks for reuse instead of page-faulting them back every step
+    # (utils/allocator.py; no effect off glibc).
+    malloc_tuning: bool = True
 
 
 @dataclass

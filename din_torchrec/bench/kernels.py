@@ -559,7 +559,9 @@ def run_kernels(
     """Check and time every case; write ``kernels.json`` and ``kernels.png`` into ``out_dir``."""
     from din_torchrec.bench.embeddings import machine_info
     from din_torchrec.bench.plots import plot_speedups
+    from din_torchrec.utils.allocator import tune_malloc
 
+    tune_malloc()  # as training runs (training.malloc_tuning): both sides of every case get it
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from din_torchrec.utils.allocator import tune_malloc
+
 MODELS = ("base", "din", "dien", "dsin")
 # Variants: "din+bf16" (training.precision: bf16), "din+compile" (training.compile: torch.compile of the dense
 # hot spots), "din+bf16+compile" (both).
@@ -287,6 +289,7 @@ def run_train(
             f"bench train: unknown models {unknown}; known: {list(MODELS)}, each optionally with "
             f"+{' / +'.join(VARIANTS)}"
         )
+    tune_malloc()  # as the trainer does (training.malloc_tuning)
     env = init_distributed("gloo")
     t_start = time.perf_counter()
     built = []

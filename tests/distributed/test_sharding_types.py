@@ -197,3 +197,24 @@ def test_data_parallel_tables_follow_the_dense_optimizer(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_profile_tables_table_wise_on_reversed_ranks(tmp_path: Path) -> None:
     _run_two_ranks(tmp_path, "row_wise", "table_wise", same_lr=False, profile_rank_offset=1)
+
+
+def test_one_rank_places_open_tables_table_wise() -> None:
+    """A one-process job gets table-wise tables unless the config says otherwise: with one rank the
+    planner's estimates tie and row-wise would only add bucketize/permute work per step."""
+    cfg = _original_small_config("din", "table_wise")
+    cfg.training.sharding = {}
+    model = build_model(cfg, device=torch.device("meta"))
+    attach_sparse_optimizer(model, cfg.training)
+    env = DistEnv(0, 1, 0, 1, torch.device("cpu"), "gloo")
+    plan = make_plan(model, env, cfg.features, cfg.training.sharding, 64)
+    types = {t: ps.sharding_type for mp_ in plan.plan.values() for t, ps in mp_.items()}  # type: ignore[union-attr]
+    assert set(types) == {t.name for t in cfg.features.sequence} | {p.name for p in cfg.features.profile}
+    assert set(types.values()) == {"table_wise"}, types
+
+    pinned = wide_config("din", "row_wise", "column_wise")
+    model = build_model(pinned, device=torch.device("meta"))
+    attach_sparse_optimizer(model, pinned.training)
+    plan = make_plan(model, env, pinned.features, pinned.training.sharding, 64)
+    types = {t: ps.sharding_type for mp_ in plan.plan.values() for t, ps in mp_.items()}  # type: ignore[union-attr]
+    assert types["item"] == "row_wise" and types["user"] == "column_wise", types

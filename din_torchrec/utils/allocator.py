@@ -1,0 +1,90 @@
+"""glibc malloc settings for CPU training: keep large freed blocks instead of returning them to the kernel.
+
+A CTR training step on the CPU allocates and frees the same large temporaries every batch (DIN's attention
+activations are ``[N, H]`` with N ~ 26k behaviours, 8 MB each). glibc serves blocks above its mmap threshold
+with a fresh ``mmap`` and trims freed heap tops back to the kernel, so those pages are faulted in again on
+every step: measured here at 3,000-5,000 minor page faults and 5-9 ms of system time per DIN step
+(batch 1024, about 60 ms a step), 0 faults after this tuning, same peak RSS. PyTorch's CPU allocator has no
+cache of its own (its performance guide recommends jemalloc or tcmalloc via ``LD_PRELOAD``); ``mallopt``
+gets the same effect in-process, with no extra library and nothing to set before Python starts.
+
+What it sets (``mallopt(3)``):
+
+* ``M_MMAP_THRESHOLD`` = 32 MiB, glibc's maximum on 64-bit: blocks up to that size come from the heap and are
+  reused (setting it also turns off glibc's dynamic threshold, which otherwise moves with the last freed
+  block and makes the fault count differ from run to run);
+* ``M_TRIM_THRESHOLD`` = 1 GiB: freed memory at the top of the heap stays mapped up to that much.
+
+The cost is that up to ``trim_threshold`` of freed memory stays resident between steps (it is reused by the
+next step, so peak RSS does not change). Where glibc is not the C library (musl, macOS, Windows) it does
+nothing. With jemalloc or tcmalloc preloaded it is harmless: they answer ``malloc`` instead of glibc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import platform
+import sys
+from dataclasses import dataclass
+
+M_TRIM_THRESHOLD = -1  # <malloc.h>
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_MAX = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: larger values are refused
+DEFAULT_TRIM_THRESHOLD = 1 << 30
+
+
+@dataclass(frozen=True)
+class MallocTuning:
+    """What :func:`tune_malloc` did."""
+
+    applied: bool
+    reason: str
+    mmap_threshold: int = 0
+    trim_threshold: int = 0
+
+
+_applied: MallocTuning | None = None
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
+    name = ctypes.util.find_library("c") or "libc.so.6"
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+def tune_malloc(
+    mmap_threshold: int = MMAP_THRESHOLD_MAX, trim_threshold: int = DEFAULT_TRIM_THRESHOLD
+) -> MallocTuning:
+    """Apply the settings above once per process (later calls return the first result).
+
+    Returns a :class:`MallocTuning` saying whether glibc accepted them and, if not, why.
+    """
+    global _applied
+    if not 0 < mmap_threshold <= MMAP_THRESHOLD_MAX:
+        raise ValueError(f"mmap_threshold: expected 1..{MMAP_THRESHOLD_MAX} bytes, got {mmap_threshold}")
+    if trim_threshold <= 0:
+        raise ValueError(f"trim_threshold: expected a positive number of bytes, got {trim_threshold}")
+    if _applied is not None:
+        return _applied
+    libc = _glibc()
+    if libc is None:
+        _applied = MallocTuning(False, f"C library is not glibc ({platform.libc_ver()[0] or sys.platform})")
+        return _applied
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.mallopt.restype = ctypes.c_int
+    ok = (
+        libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1
+        and libc.mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
+    )
+    _applied = MallocTuning(
+        ok,
+        "mallopt accepted both settings" if ok else "mallopt refused a setting",
+        mmap_threshold,
+        trim_threshold,
+    )
+    return _applied
