@@ -37,6 +37,7 @@ from torch.nn.utils.rnn import PackedSequence
 from din_torchrec.modules.attention import LocalActivationUnit, complete_offsets, segment_ids, segment_softmax
 from din_torchrec.modules.mlp import MLP, row_bucketed
 from din_torchrec.modules.recurrence import packed_recurrence
+from din_torchrec.modules.rows import gather_rows, inverse_index
 
 EVOLUTION_KINDS = ("augru", "agru", "aigru")
 
@@ -285,10 +286,12 @@ class InterestExtractor(nn.Module):
         # Input side of every step in one matmul, gathered into packed (time-major, length-ranked) order.
         x = row_bucketed(  # bf16 on the CPU: a bounded set of matmul shapes (see mlp.ROW_BUCKET)
             lambda v: torch.addmm(gru.bias_ih_l0, v, gru.weight_ih_l0.t()),
-            behaviours.index_select(0, layout.packed_index),
+            gather_rows(behaviours, layout.packed_index, layout.unpack_index),
         )
         packed = packed_recurrence(x, None, gru.weight_hh_l0, gru.bias_hh_l0, layout.steps, "gru")
-        return packed.index_select(0, layout.unpack_index), final_states(packed, layout, lengths)
+        return gather_rows(packed, layout.unpack_index, layout.packed_index), final_states(
+            packed, layout, lengths
+        )
 
     def forward_packed(
         self, behaviours: torch.Tensor, lengths: torch.Tensor, layout: PackedLayout | None = None
@@ -409,8 +412,8 @@ class InterestEvolution(nn.Module):
             return states.new_zeros(b, self.hidden_size), att
         # Input side of every step in one matmul, in packed (time-major, length-ranked) order.
         cell = self.cell
-        x = row_bucketed(cell.project_input, states.index_select(0, layout.packed_index))
-        a = att.index_select(0, layout.packed_index)
+        x = row_bucketed(cell.project_input, gather_rows(states, layout.packed_index, layout.unpack_index))
+        a = gather_rows(att, layout.packed_index, layout.unpack_index)
         if self.kind == "aigru":
             # W (a x) = a (W x): the attention scales the projection; then a plain GRU.
             packed = packed_recurrence(
@@ -544,11 +547,15 @@ class AuxiliaryNextBehaviourLoss(nn.Module):
         is_source = segments[:-1] == segments[1:]
         source = torch.nonzero(is_source).squeeze(1)
         target = source + 1
-        h = states.index_select(0, source)
+        n = segments.numel()
+        to_target = inverse_index(target, n)
+        h = gather_rows(states, source, inverse_index(source, n))
         # One scorer call for positives and negatives (one matmul chain instead of two).
         logits = self.score(
             torch.cat([h, h]),
-            torch.cat([behaviours.index_select(0, target), negatives.index_select(0, target)]),
+            torch.cat(
+                [gather_rows(behaviours, target, to_target), gather_rows(negatives, target, to_target)]
+            ),
         )
         pos, neg = logits.split([source.numel(), source.numel()])
         # BCE(x, 1) = softplus(-x), BCE(x, 0) = softplus(x); the sum over 0 pairs is 0, hence clamp, not NaN.
