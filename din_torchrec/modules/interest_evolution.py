@@ -529,6 +529,35 @@ class AuxiliaryNextBehaviourLoss(nn.Module):
             return (states * behaviours).sum(-1)
         return self.mlp(torch.cat([states, behaviours], dim=-1)).squeeze(-1)
 
+    def score_pairs(
+        self, states: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``([M], [M])`` of each state ``[M, H]`` against its positive and its negative ``[M, D]``;
+        equal to ``score(states, positives), score(states, negatives)``.
+
+        The MLP's first layer is split, ``W [h, e] + b = W_h h + (W_e e + b)``: the state side is computed
+        once for both (M rows instead of 2M), and the behaviour side of positives and negatives is one
+        matmul whose accumulator starts from it (``addmm``: one rounding under bf16, as in one matmul on
+        ``[h, e]``). The rest of the MLP runs once on all 2M rows, so a batch-statistics activation sees
+        the same rows as in :meth:`score`.
+        """
+        m = states.shape[0]
+        if self.mlp is None:
+            return (states * positives).sum(-1), (states * negatives).sum(-1)
+        first = self.mlp.layers[0]
+        w_h, w_e = first.weight.split([states.shape[1], positives.shape[1]], dim=1)
+        # Rows padded to a bucket under bf16 on the CPU: a bounded set of matmul shapes (see mlp.ROW_BUCKET).
+        state_part = row_bucketed(lambda v: torch.addmm(first.bias, v, w_h.t()), states)
+        x = row_bucketed(
+            lambda v, c: torch.addmm(c, v, w_e.t()),
+            torch.cat([positives, negatives]),
+            torch.cat([state_part, state_part]),
+        )
+        for layer in list(self.mlp.layers)[1:]:
+            x = row_bucketed(layer, x) if isinstance(layer, nn.Linear) else layer(x)
+        pos, neg = x.squeeze(-1).split([m, m])
+        return pos, neg
+
     def forward(
         self, states: torch.Tensor, behaviours: torch.Tensor, negatives: torch.Tensor, lengths: torch.Tensor
     ) -> torch.Tensor:
@@ -549,15 +578,11 @@ class AuxiliaryNextBehaviourLoss(nn.Module):
         target = source + 1
         n = segments.numel()
         to_target = inverse_index(target, n)
-        h = gather_rows(states, source, inverse_index(source, n))
-        # One scorer call for positives and negatives (one matmul chain instead of two).
-        logits = self.score(
-            torch.cat([h, h]),
-            torch.cat(
-                [gather_rows(behaviours, target, to_target), gather_rows(negatives, target, to_target)]
-            ),
+        pos, neg = self.score_pairs(
+            gather_rows(states, source, inverse_index(source, n)),
+            gather_rows(behaviours, target, to_target),
+            gather_rows(negatives, target, to_target),
         )
-        pos, neg = logits.split([source.numel(), source.numel()])
         # BCE(x, 1) = softplus(-x), BCE(x, 0) = softplus(x); the sum over 0 pairs is 0, hence clamp, not NaN.
         total = F.softplus(-pos).sum() + F.softplus(neg).sum()
         return total / max(source.numel(), 1)

@@ -44,6 +44,17 @@ def _num_sigmoid_gates(mode: str) -> int:
     return 1 if mode == "agru" else 2
 
 
+def _tanh_(x: torch.Tensor) -> torch.Tensor:
+    """``tanh`` in place as ``2 sigmoid(2 x) - 1``: ATen's CPU ``tanh`` ran at 36 us on a ``[500, 32]`` fp32
+    step here against about 10 us for these three in-place ops (its ``sigmoid`` is vectorised, its ``tanh`` was not).
+    The absolute error stays at rounding level (|tanh| <= 1); the backward uses ``1 - n^2`` either way."""
+    if x.device.type != "cpu":
+        return x.tanh_()
+    # 0-dim tensors, not Python numbers: each number operand was converted to a tensor per call (3 us).
+    two = x.new_full((), 2.0)
+    return torch.addcmul(x.new_full((), -1.0), x.mul_(two).sigmoid_(), two, out=x)
+
+
 def _reset_and_keep(
     mode: str, s: torch.Tensor, a: torch.Tensor | None, hidden: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +115,7 @@ class PackedRecurrence(torch.autograd.Function):
             s = torch.add(xs[:, : ns * hidden], hh[:, : ns * hidden], out=sig[rows]).sigmoid_()
             a = att[rows].unsqueeze(1) if att is not None else None
             r, k = _reset_and_keep(mode, s, a, hidden)
-            n = torch.addcmul(xs[:, ns * hidden :], r, hh[:, ns * hidden :], out=cand[rows]).tanh_()
+            n = _tanh_(torch.addcmul(xs[:, ns * hidden :], r, hh[:, ns * hidden :], out=cand[rows]))
             h = torch.addcmul(n, k, hp - n, out=out[rows])
             start += b
         ctx.steps = list(steps)

@@ -6,7 +6,7 @@ sigmoids of DIEN's auxiliary net) between matmuls. Inductor fuses those passes i
 loops, forward and backward:
 
 * ``LocalActivationUnit.scores_jagged`` (DIN's target attention, DIEN's evolution attention);
-* ``AuxiliaryNextBehaviourLoss.score`` (DIEN's auxiliary net);
+* ``AuxiliaryNextBehaviourLoss.score_pairs`` (DIEN's auxiliary net);
 * the top MLP (``SequenceCTRModel.top``).
 
 Everything else stays eager: the TorchRec embedding collections (sharded, fused optimizers), the jagged
@@ -38,8 +38,8 @@ def compile_hot_paths(model: nn.Module) -> list[str]:
             module.scores_jagged = torch.compile(module.scores_jagged, dynamic=True)  # type: ignore[method-assign]
             done.append(f"{name}.scores_jagged")
         elif isinstance(module, AuxiliaryNextBehaviourLoss):
-            module.score = torch.compile(module.score, dynamic=True)  # type: ignore[method-assign]
-            done.append(f"{name}.score")
+            module.score_pairs = torch.compile(module.score_pairs, dynamic=True)  # type: ignore[method-assign]
+            done.append(f"{name}.score_pairs")
         elif isinstance(module, MLP) and name.split(".")[-1] == "top":
             module.forward = torch.compile(module.forward, dynamic=True)  # type: ignore[method-assign]
             done.append(f"{name}.forward")

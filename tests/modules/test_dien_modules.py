@@ -334,6 +334,29 @@ def test_auxiliary_loss_equals_per_sample_reference_forward_and_grad(scorer: str
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("activation,hidden", [("sigmoid", [7, 5]), ("dice", [7]), ("relu", [])])
+def test_score_pairs_equals_scoring_each_half(activation: str, hidden: list[int]) -> None:
+    """The split first layer (state side once, shared by positives and negatives) gives the logits and
+    gradients of scoring ``[h, e]`` through the whole MLP; with Dice (batch statistics over all 2M rows,
+    M > 32 so its fused path runs), over the same rows as one ``score`` call on both halves."""
+    torch.manual_seed(9)
+    aux = AuxiliaryNextBehaviourLoss(6, 4, hidden=hidden, activation=activation)
+    g = torch.Generator().manual_seed(1)
+    h, pos, neg = (
+        torch.randn(40, w, generator=g, dtype=torch.float64, requires_grad=True) for w in (6, 4, 4)
+    )
+    aux = aux.double()
+    weight = torch.randn(80, generator=g, dtype=torch.float64)
+    got = torch.cat(aux.score_pairs(h, pos, neg))
+    want = aux.score(torch.cat([h, h]), torch.cat([pos, neg]))
+    torch.testing.assert_close(got, want)
+    params = [h, pos, neg, *aux.parameters()]
+    for a, b in zip(
+        torch.autograd.grad((got * weight).sum(), params), torch.autograd.grad((want * weight).sum(), params)
+    ):
+        torch.testing.assert_close(a, b)
+
+
 def test_auxiliary_loss_ignores_positions_that_belong_to_no_pair() -> None:
     """Unused: each sample's first behaviour and first negative (targets are steps t + 1), its last state
     (nothing follows it), and everything of a length-1 sample. Changing them must change neither the loss nor

@@ -20,7 +20,9 @@ from din_torchrec.modules.rows import gather_rows, inverse_index
     permute=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_gather_rows_matches_index_select(n: int, width: tuple, keep: float, permute: bool, seed: int) -> None:
+def test_gather_rows_matches_index_select(
+    n: int, width: tuple, keep: float, permute: bool, seed: int
+) -> None:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, *width, generator=g, dtype=torch.float64)
     order = torch.randperm(n, generator=g)

@@ -26,7 +26,7 @@ def test_compiled_dien_equals_eager_forward_backward_and_eval() -> None:
     eager = build_model(cfg)
     compiled = copy.deepcopy(eager)
     names = compile_hot_paths(compiled)
-    assert set(names) == {"evolution.unit.scores_jagged", "auxiliary.score", "top.forward"}
+    assert set(names) == {"evolution.unit.scores_jagged", "auxiliary.score_pairs", "top.forward"}
     for seed in (1, 2):  # two batches with different N: dynamic shapes, no wrong reuse of a graph
         batch = random_batch(cfg.features, 24, 20, torch.Generator().manual_seed(seed), with_negatives=True)
         assert int(batch.hist_lengths.sum()) > 32
