@@ -17,7 +17,13 @@ class DiceGate(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         p = torch.sigmoid(z)
         one_minus_alpha = 1 - alpha
-        gate = torch.addcmul(alpha, p, one_minus_alpha)
+        if alpha.dtype in (torch.bfloat16, torch.float16):
+            # Same values (ATen computes a reduced-precision addcmul in fp32 and rounds once), 1.8x faster on
+            # the CPU here: its broadcast of a bf16 [H] vector over [N, H] is a slow path.
+            a32 = alpha.float()
+            gate = torch.addcmul(a32, p, one_minus_alpha.float()).to(p.dtype)
+        else:
+            gate = torch.addcmul(alpha, p, one_minus_alpha)
         ctx.save_for_backward(x, p, gate, one_minus_alpha)
         return x * gate
 

@@ -62,3 +62,16 @@ def test_make_activation_names() -> None:
         assert "swish" in str(e)
     else:
         raise AssertionError("unknown activation accepted")
+
+
+def test_dice_gate_in_bf16_equals_the_bf16_formula_bit_for_bit() -> None:
+    """DiceGate computes a bf16 gate through an fp32 addcmul (a faster CPU path); the values must be those
+    of the plain bf16 ``x * (alpha + (1 - alpha) * sigmoid(z))``, so training in bf16 is unchanged by it."""
+    from din_torchrec.modules.activations import DiceGate
+
+    g = torch.Generator().manual_seed(3)
+    x, z = (torch.randn(300, 24, generator=g).bfloat16() for _ in range(2))
+    alpha = torch.rand(24, generator=g).bfloat16()
+    p = torch.sigmoid(z)
+    want = x * torch.addcmul(alpha, p, 1 - alpha)
+    assert torch.equal(DiceGate.apply(x, z, alpha), want)
