@@ -13,13 +13,13 @@ import sys
 
 import pytest
 
-from din_torchrec.utils.allocator import MMAP_THRESHOLD_MAX, tune_malloc
+from din_torchrec.utils.allocator import tune_malloc
 
 _PROBE = """
 import json, resource, sys, torch
 from din_torchrec.utils.allocator import tune_malloc
 tuning = tune_malloc() if sys.argv[1] == "1" else None
-x = torch.ones(26_000, 80)              # 8 MB, like one DIN attention activation
+x = torch.ones(int(sys.argv[2]), 80)     # 8 MB: a DIN attention activation at history 50; 34 MB at 200
 for _ in range(10):                      # warm-up: let the heap grow to its working size
     y = x * 2; z = y + 1; del y, z
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -32,9 +32,12 @@ print(json.dumps({"faults": after - before, "applied": tuning.applied if tuning 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 
-def _probe(tuned: bool) -> dict:
+def _probe(tuned: bool, rows: int = 26_000) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE, "1" if tuned else "0"], capture_output=True, text=True, check=True
+        [sys.executable, "-c", _PROBE, "1" if tuned else "0", str(rows)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -48,8 +51,44 @@ def test_tuned_process_reuses_large_blocks_without_page_faults() -> None:
     assert tuned["faults"] < 20_000, tuned
 
 
+@pytest.mark.skipif(not GLIBC, reason="the tuning is for glibc's malloc")
+def test_blocks_over_32_mib_are_reused_too() -> None:
+    """[105k, 80] fp32 = 33.6 MB, over glibc's old 32 MiB ceiling for the threshold: with that ceiling each
+    allocation was mapped and faulted anew (1.6 million faults for these 200)."""
+    tuned = _probe(True, rows=105_000)
+    assert tuned["applied"] is True
+    assert tuned["faults"] < 100_000, tuned
+
+
 def test_thresholds_out_of_range_are_refused() -> None:
     with pytest.raises(ValueError, match="mmap_threshold"):
-        tune_malloc(mmap_threshold=MMAP_THRESHOLD_MAX + 1)
+        tune_malloc(mmap_threshold=0)
     with pytest.raises(ValueError, match="trim_threshold"):
         tune_malloc(trim_threshold=0)
+
+
+def test_an_older_glibc_that_refuses_large_thresholds_gets_its_ceiling(monkeypatch) -> None:
+    """glibc < 2.35 refuses an mmap threshold over 32 MiB: the tuning then sets 32 MiB instead of giving up."""
+    from din_torchrec.utils import allocator
+
+    calls: list[tuple[int, int]] = []
+
+    class OldLibc:
+        class _Fn:
+            argtypes = restype = None
+
+            def __call__(self, param: int, value: int) -> int:
+                calls.append((param, value))
+                return 0 if param == allocator.M_MMAP_THRESHOLD and value > 32 << 20 else 1
+
+        mallopt = _Fn()
+
+    monkeypatch.setattr(allocator, "_applied", None)
+    monkeypatch.setattr(allocator, "_glibc", lambda: OldLibc())
+    result = allocator.tune_malloc()
+    assert result.applied and result.mmap_threshold == 32 << 20
+    assert calls == [
+        (allocator.M_MMAP_THRESHOLD, 512 << 20),
+        (allocator.M_MMAP_THRESHOLD, 32 << 20),
+        (allocator.M_TRIM_THRESHOLD, 1 << 30),
+    ]
