@@ -553,9 +553,7 @@ class AuxiliaryNextBehaviourLoss(nn.Module):
             torch.cat([positives, negatives]),
             torch.cat([state_part, state_part]),
         )
-        for layer in list(self.mlp.layers)[1:]:
-            x = row_bucketed(layer, x) if isinstance(layer, nn.Linear) else layer(x)
-        pos, neg = x.squeeze(-1).split([m, m])
+        pos, neg = self.mlp.forward_from(x, 1).squeeze(-1).split([m, m])
         return pos, neg
 
     def forward(

@@ -73,7 +73,12 @@ class MLP(nn.Module):
         self.out_width = width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
+        return self.forward_from(x, 0)
+
+    def forward_from(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """The layers from ``self.layers[start]`` on (a caller that computed the first ones itself, e.g. a
+        split first layer, continues here)."""
+        for layer in self.layers[start:]:
             x = row_bucketed(layer, x) if isinstance(layer, nn.Linear) else layer(x)
         return x
 
