@@ -245,9 +245,9 @@ class TrainingConfig:
     # glibc keeps freed large blocks for reuse instead of page-faulting them back every step
     # (utils/allocator.py; no effect off glibc).
     malloc_tuning: bool = True
-    # Dice through the native CPU kernel (ops/fused_dice.py), built on first use with the host's C++ compiler;
-    # falls back to the ATen path without one.
-    fused_dice: bool = True
+    # Dice and DIEN's recurrences through native CPU kernels (din_torchrec/ops), built on first use with the
+    # host's C++ compiler; the PyTorch paths run without one.
+    native_kernels: bool = True
 
 
 @dataclass

@@ -54,7 +54,7 @@ class Dice(nn.Module):
     estimates are used, like batch norm.
 
     :meth:`forward` runs the native CPU kernel of :mod:`din_torchrec.ops.fused_dice` in training mode when
-    it is built (two passes each way); otherwise (a GPU, no C++ compiler, ``training.fused_dice: false``) it
+    it is built (two passes each way); otherwise (a GPU, no C++ compiler, ``training.native_kernels: false``) it
     normalises with ATen's batch-norm kernel (statistics and normalisation in one pass, a fused backward)
     and gates with :class:`DiceGate`. :meth:`forward_reference` is the formula as written. Same values, running estimates and gradients (tests compare them).
 

@@ -37,9 +37,8 @@ from din_torchrec.distributed.sharding import (
 )
 from din_torchrec.models import build_model
 from din_torchrec.models.output import ModelOutput
-from din_torchrec.modules.activations import Dice
 from din_torchrec.modules.prefetch import Prefetcher
-from din_torchrec.ops import fused_dice
+from din_torchrec.ops import native
 from din_torchrec.training.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from din_torchrec.training.losses import click_loss
 from din_torchrec.training.metrics import ctr_metrics
@@ -309,16 +308,15 @@ class Trainer:
         self.train_reader = make_reader(cfg, self.env, "train", self.frequencies)
         self.eval_reader = make_reader(cfg, self.env, "eval", None)
         model = build_model(cfg, device=self.env.device if self.env.device.type != "cpu" else None)
-        fused_dice.set_enabled(cfg.training.fused_dice)
-        if self.env.device.type == "cpu" and any(isinstance(m, Dice) for m in model.modules()):
+        native.set_enabled(cfg.training.native_kernels)
+        if cfg.training.native_kernels and self.env.device.type == "cpu":
             # Built (or loaded from the cache) now, so that no step pays for it.
             t0 = time.perf_counter()
-            built = fused_dice.kernel() is not None
-            if cfg.training.fused_dice:
-                self._log(
-                    f"fused Dice kernel: {'ready' if built else 'unavailable, ATen path'} "
-                    f"({time.perf_counter() - t0:.1f} s)"
-                )
+            built = native.kernels() is not None
+            self._log(
+                f"native CPU kernels (Dice, recurrences): {'ready' if built else 'unavailable, PyTorch paths'} "
+                f"({time.perf_counter() - t0:.1f} s)"
+            )
         self.model = shard_model(
             model, self.env, cfg.features, cfg.training, cfg.data.batch_size, plan=saved_plan(cfg, self.env)
         )

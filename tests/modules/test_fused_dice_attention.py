@@ -1,7 +1,7 @@
 """The fused Dice and the jagged DIN attention built on it, against their plain references
 (``Dice.forward_reference``, ``TargetAttentionPooling.forward_padded``, ``scores_reference``), forward,
 gradients and running estimates, on random jagged inputs with empty and length-1 histories. The whole module
-runs twice: Dice through the native kernel (ops/fused_dice.py) and through its ATen path (batch-norm kernel
+runs twice: Dice through the native kernel (ops/fused_dice.py, ops/native.py) and through its ATen path (batch-norm kernel
 + DiceGate), the fallback without a C++ compiler."""
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ from hypothesis import given, settings
 
 from din_torchrec.modules.activations import Dice, DiceGate
 from din_torchrec.modules.attention import LocalActivationUnit, TargetAttentionPooling, segment_ids
-from din_torchrec.ops import fused_dice
+from din_torchrec.ops import native
 
 
 @pytest.fixture(scope="module", params=["kernel", "aten"], autouse=True)
 def dice_path(request):
     """Module-scoped (hypothesis refuses function-scoped fixtures): every test once per Dice path."""
-    if request.param == "kernel" and fused_dice.kernel() is None:
-        pytest.skip("the fused Dice kernel did not build")
-    fused_dice.set_enabled(request.param == "kernel")
+    if request.param == "kernel" and native.kernels() is None:
+        pytest.skip("the native kernels did not build")
+    native.set_enabled(request.param == "kernel")
     yield request.param
-    fused_dice.set_enabled(True)
+    native.set_enabled(True)
 
 
 def _pad(values: torch.Tensor, lengths: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:

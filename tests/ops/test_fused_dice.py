@@ -1,10 +1,8 @@
 """The native Dice kernel (ops/dice_cpu.cpp) against Dice's formula evaluated in float64: values, batch
 statistics, gradients of the input and of alpha, on random shapes (odd widths exercise the vector loops'
-remainders), bf16 inputs, degenerate columns, several threads; and the fallback when it cannot be built."""
+remainders), bf16 inputs, degenerate columns, several threads."""
 
 from __future__ import annotations
-
-import logging
 
 import hypothesis.strategies as st
 import pytest
@@ -12,12 +10,14 @@ import torch
 from hypothesis import given, settings
 
 from din_torchrec.modules.activations import Dice
-from din_torchrec.ops import fused_dice
+from din_torchrec.ops import fused_dice, native
 
-needs_kernel = pytest.mark.skipif(fused_dice.kernel() is None, reason="the fused Dice kernel did not build")
+needs_kernel = pytest.mark.skipif(native.kernels() is None, reason="the native kernels did not build")
 
 
-def _formula(x: torch.Tensor, alpha: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _formula(
+    x: torch.Tensor, alpha: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     mean = x.mean(0)
     var = x.var(0, unbiased=False)
     p = torch.sigmoid((x - mean) / torch.sqrt(var + eps))
@@ -62,7 +62,9 @@ def test_kernel_equals_the_float64_formula(n: int, h: int, scale: float, shift: 
     torch.testing.assert_close(out.double(), r_out, **tol)
     torch.testing.assert_close(mean.double(), r_mean, rtol=1e-5, atol=1e-5 * scale)
     torch.testing.assert_close(var.double(), r_var, rtol=1e-4, atol=1e-5 * scale * scale)
-    if n > 1:  # one row: the normalised value is 0 whatever x is, its gradient is ill-conditioned (1/sqrt(eps))
+    if (
+        n > 1
+    ):  # one row: the normalised value is 0 whatever x is, its gradient is ill-conditioned (1/sqrt(eps))
         torch.testing.assert_close(gx.double(), r_gx, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(ga.double(), r_ga, rtol=1e-3, atol=1e-3 * scale * (n**0.5))
 
@@ -145,44 +147,3 @@ def test_dice_module_takes_the_kernel_in_training_and_updates_running_estimates(
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(d.running_mean, 0.2 * mean)
     torch.testing.assert_close(d.running_var, 0.8 + 0.2 * var, rtol=1e-5, atol=1e-6)
-
-
-def test_without_a_compiler_dice_falls_back_to_the_aten_path(monkeypatch, caplog) -> None:
-    monkeypatch.setattr(fused_dice, "_state", {"enabled": True, "module": None})
-    monkeypatch.setattr(fused_dice.shutil, "which", lambda name: None)
-    with caplog.at_level(logging.WARNING, logger=fused_dice.__name__):
-        assert fused_dice.kernel() is None
-    assert "no C++ compiler" in caplog.text
-    torch.manual_seed(3)
-    d = Dice(4)
-    x = torch.randn(100, 4) * 3
-    want, _, _ = _formula(x, d.alpha.detach(), 1e-8)
-    torch.testing.assert_close(d(x), want, rtol=1e-5, atol=1e-5)
-
-
-def test_a_failed_build_is_reported_once_and_dice_still_runs(monkeypatch, caplog) -> None:
-    import torch.utils.cpp_extension as cpp
-
-    monkeypatch.setattr(fused_dice, "_state", {"enabled": True, "module": None})
-    builds: list[str] = []
-
-    def broken(**kwargs):
-        builds.append(kwargs["name"])
-        raise RuntimeError("compiler exploded")
-
-    monkeypatch.setattr(cpp, "load", broken)
-    with caplog.at_level(logging.WARNING, logger=fused_dice.__name__):
-        assert fused_dice.kernel() is None
-        assert fused_dice.kernel() is None
-    assert len(builds) == 1 and "compiler exploded" in caplog.text
-    assert not fused_dice.usable(torch.randn(40, 3))
-
-
-def test_disabled_or_unsupported_inputs_take_the_aten_path(monkeypatch) -> None:
-    monkeypatch.setattr(fused_dice, "_state", {"enabled": True, "module": fused_dice._state["module"]})
-    assert not fused_dice.usable(torch.randn(40, 3, dtype=torch.float64))
-    fused_dice.set_enabled(False)
-    assert fused_dice.kernel() is None and not fused_dice.usable(torch.randn(40, 3))
-    monkeypatch.setenv("DIN_TORCHREC_FUSED_DICE", "0")
-    fused_dice.set_enabled(True)
-    assert fused_dice.kernel() is None

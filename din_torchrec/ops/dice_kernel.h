@@ -10,6 +10,8 @@
 // contiguous dimension, so the inner loops vectorise. Row blocks run in parallel (at::parallel_for); each
 // block keeps its own column partial sums, added in block order (deterministic for a given thread count).
 // Reference: din_torchrec.modules.activations.Dice.forward_reference (tests compare values and gradients).
+#pragma once
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -18,7 +20,7 @@
 #include <cmath>
 #include <vector>
 
-namespace {
+namespace din_dice {
 
 constexpr int64_t kBlockRows = 256;
 
@@ -196,35 +198,30 @@ std::vector<at::Tensor> backward_impl(
   return {grad_x, grad_alpha};
 }
 
-void check(const at::Tensor& x, const char* name) {
+inline void check(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), "dice_cpu: ", name,
               " must be a contiguous 2-D CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "dice_cpu: ", name,
               " must be float32 or bfloat16, got ", x.scalar_type());
 }
 
-}  // namespace
+}  // namespace din_dice
 
-std::vector<at::Tensor> dice_forward(at::Tensor x, at::Tensor alpha, double eps) {
-  check(x, "x");
+inline std::vector<at::Tensor> dice_forward(at::Tensor x, at::Tensor alpha, double eps) {
+  din_dice::check(x, "x");
   TORCH_CHECK(alpha.scalar_type() == at::kFloat && alpha.is_contiguous() && alpha.numel() == x.size(1),
               "dice_cpu: alpha must be a contiguous float32 [H]");
   TORCH_CHECK(x.size(0) > 0, "dice_cpu: x has no rows");
-  if (x.scalar_type() == at::kFloat) return forward_impl<float>(x, alpha, eps);
-  return forward_impl<c10::BFloat16>(x, alpha, eps);
+  if (x.scalar_type() == at::kFloat) return din_dice::forward_impl<float>(x, alpha, eps);
+  return din_dice::forward_impl<c10::BFloat16>(x, alpha, eps);
 }
 
-std::vector<at::Tensor> dice_backward(at::Tensor grad, at::Tensor x, at::Tensor mean, at::Tensor invstd,
+inline std::vector<at::Tensor> dice_backward(at::Tensor grad, at::Tensor x, at::Tensor mean, at::Tensor invstd,
                                       at::Tensor alpha) {
-  check(x, "x");
-  check(grad, "grad");
+  din_dice::check(x, "x");
+  din_dice::check(grad, "grad");
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
               "dice_cpu: grad must match x in shape and dtype");
-  if (x.scalar_type() == at::kFloat) return backward_impl<float>(grad, x, mean, invstd, alpha);
-  return backward_impl<c10::BFloat16>(grad, x, mean, invstd, alpha);
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dice_forward", &dice_forward, "Dice forward (training mode): out, mean, var, invstd");
-  m.def("dice_backward", &dice_backward, "Dice backward: grad_x, grad_alpha");
+  if (x.scalar_type() == at::kFloat) return din_dice::backward_impl<float>(grad, x, mean, invstd, alpha);
+  return din_dice::backward_impl<c10::BFloat16>(grad, x, mean, invstd, alpha);
 }

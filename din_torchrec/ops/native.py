@@ -1,0 +1,99 @@
+"""The native CPU kernels (``native.cpp``: ``dice_kernel.h``, ``recurrence_kernel.h``) as one extension module,
+built on first use with the host's C++ compiler (``torch.utils.cpp_extension``).
+
+The first build takes about 20-30 s and is cached under ``TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``); the module name carries a hash of the sources, the torch version and the CPU's
+feature flags (it is built with ``-march=native``), so an edit or another CPU gets its own build. Without a
+compiler, or if the build fails, a warning is logged once and every caller runs its PyTorch path.
+``DIN_TORCHREC_NATIVE_KERNELS=0`` or ``training.native_kernels: false`` turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_DIR = Path(__file__).parent
+_SOURCES = ("native.cpp", "dice_kernel.h", "recurrence_kernel.h")
+_ENV = "DIN_TORCHREC_NATIVE_KERNELS"
+_FAILED = "failed"
+_lock = threading.Lock()
+_state: dict[str, object] = {"enabled": os.environ.get(_ENV, "1") != "0", "module": None}
+
+
+def set_enabled(enabled: bool) -> None:
+    """Use the kernels (when they build) or not; the environment variable ``DIN_TORCHREC_NATIVE_KERNELS=0``
+    wins."""
+    _state["enabled"] = enabled and os.environ.get(_ENV, "1") != "0"
+
+
+def _build_tag() -> str:
+    flags = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line
+                break
+    except OSError:
+        pass
+    h = hashlib.sha1(f"{flags}|{torch.__version__}".encode())
+    for name in _SOURCES:  # torch hashes only the listed sources, not the headers they include
+        h.update((_DIR / name).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def kernels() -> ModuleType | None:
+    """The built extension (building it on the first call); ``None`` when disabled or unbuildable."""
+    if not _state["enabled"]:
+        return None
+    module = _state["module"]
+    if module is None:
+        with _lock:
+            if _state["module"] is None:
+                _state["module"] = _build()
+            module = _state["module"]
+    return None if module is _FAILED else module  # type: ignore[return-value]
+
+
+def _build() -> ModuleType | str:
+    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        log.warning("native kernels: no C++ compiler found; Dice and the recurrences run their PyTorch paths")
+        return _FAILED
+    from torch.utils.cpp_extension import load
+
+    name = f"din_torchrec_native_{_build_tag()}"
+    log.info("building the native kernels %s (once per machine and version; cached)", name)
+    try:
+        return load(
+            name=name,
+            sources=[str(_DIR / "native.cpp")],
+            extra_cflags=["-O3", "-march=native", "-ffast-math", "-std=c++17"],
+            verbose=False,
+        )
+    except Exception as e:  # any build or load failure: the PyTorch paths still work
+        log.warning(
+            "native kernels: build failed (%s: %s); Dice and the recurrences run their PyTorch paths",
+            type(e).__name__,
+            e,
+        )
+        return _FAILED
+
+
+def usable(x: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    """Whether a kernel can run on ``x``: a CPU tensor of one of ``dtypes``, outside compile / tracing, with
+    the extension built."""
+    if x.device.type != "cpu" or x.dtype not in dtypes:
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    return kernels() is not None

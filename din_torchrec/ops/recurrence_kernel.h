@@ -1,0 +1,270 @@
+// DIEN's gated recurrences (GRU, AUGRU, UGRU, AGRU) over packed jagged sequences, forward and
+// backpropagation through time, for the CPU.
+//
+// The same algorithm as din_torchrec.modules.recurrence.PackedRecurrence (its docstring has the cells and the
+// packed layout): per step one matmul for U h and one fused loop over the b_t x H gate values; backward per
+// step one fused loop and one matmul for the gradient reaching the previous state, the recurrent weight's
+// gradient as one matmul after the loop. In Python each step is ~10 ATen calls on [b_t, H] tensors of a few
+// KB (2-15 us each, dominated by dispatch); here each step is one BLAS call plus a loop that stays in L1.
+// float32 only (the Python wrapper runs recurrences in float32 under mixed precision).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+namespace din_recurrence {
+
+enum Mode : int64_t { kGru = 0, kAugru = 1, kUgru = 2, kAgru = 3 };
+
+inline float sigmoid(float v) {
+  v = std::fmin(std::fmax(v, -88.0f), 88.0f);
+  return 1.0f / (1.0f + std::exp(-v));
+}
+
+inline float tanh_(float v) {
+  // 2 sigmoid(2v) - 1, as the Python path computes it (vectorises through the same exp).
+  return 2.0f * sigmoid(2.0f * v) - 1.0f;
+}
+
+// One step forward for b rows. x: [b, G] pre-activations, hh: [b, G] U h (+ b_hh) (hh_n its n columns),
+// hp: [b, H] previous states (nullptr at step 0), att: [b] or nullptr. Writes sig [b, ns H], cand [b, H],
+// hhn [b, H] (the n columns of hh, kept for the backward) and out [b, H].
+template <int64_t M>
+void step_forward(int64_t b, int64_t h, const float* __restrict__ x, const float* __restrict__ hh,
+                  const float* __restrict__ hp, const float* __restrict__ att, float* __restrict__ sig,
+                  float* __restrict__ cand, float* __restrict__ hhn, float* __restrict__ out) {
+  constexpr int64_t ns = M == kAgru ? 1 : 2;
+  const int64_t g = (ns + 1) * h;
+  for (int64_t i = 0; i < b; ++i) {
+    const float* xi = x + i * g;
+    const float* hi = hh + i * g;
+    float* si = sig + i * ns * h;
+    float* ni = cand + i * h;
+    float* hn = hhn + i * h;
+    float* oi = out + i * h;
+    const float a = att ? att[i] : 0.0f;
+    for (int64_t j = 0; j < h; ++j) {
+      const float s0 = sigmoid(xi[j] + hi[j]);
+      float r, k;
+      if constexpr (M == kAgru) {
+        r = s0;
+        k = 1.0f - a;
+        si[j] = s0;
+      } else {
+        const float s1 = sigmoid(xi[h + j] + hi[h + j]);
+        si[j] = s0;
+        si[h + j] = s1;
+        if constexpr (M == kGru) {
+          r = s0;
+          k = s1;
+        } else {
+          r = s1;
+          k = M == kAugru ? 1.0f - a * s0 : 1.0f - s0;
+        }
+      }
+      const float hnv = hi[ns * h + j];
+      const float n = tanh_(xi[ns * h + j] + r * hnv);
+      ni[j] = n;
+      hn[j] = hnv;
+      const float prev = hp ? hp[i * h + j] : 0.0f;
+      oi[j] = n + k * (prev - n);
+    }
+  }
+}
+
+// One step backward for b rows: from dh [b, H] (complete: output gradient plus what later steps sent back)
+// the gradients of the gate pre-activations: dx [b, G], dhh [b, G] (of U h: equal to dx on the sigmoid
+// columns, r dx on the n columns), datt [b]; and adds dh k to dprev [b, H] (the k h term), when not null.
+template <int64_t M>
+void step_backward(int64_t b, int64_t h, const float* __restrict__ dh, const float* __restrict__ sig,
+                   const float* __restrict__ cand, const float* __restrict__ hhn, const float* __restrict__ hp,
+                   const float* __restrict__ att, float* __restrict__ dx, float* __restrict__ dhh,
+                   float* __restrict__ datt, float* __restrict__ dprev) {
+  constexpr int64_t ns = M == kAgru ? 1 : 2;
+  const int64_t g = (ns + 1) * h;
+  for (int64_t i = 0; i < b; ++i) {
+    const float* di = dh + i * h;
+    const float* si = sig + i * ns * h;
+    const float* ni = cand + i * h;
+    const float* hn = hhn + i * h;
+    float* dxi = dx + i * g;
+    float* dhi = dhh + i * g;
+    const float a = att ? att[i] : 0.0f;
+    float da = 0.0f;
+    for (int64_t j = 0; j < h; ++j) {
+      const float d = di[j];
+      const float n = ni[j];
+      const float s0 = si[j];
+      const float s1 = M == kAgru ? 0.0f : si[h + j];
+      float r, k;
+      if constexpr (M == kGru) {
+        r = s0;
+        k = s1;
+      } else if constexpr (M == kAgru) {
+        r = s0;
+        k = 1.0f - a;
+      } else {
+        r = s1;
+        k = M == kAugru ? 1.0f - a * s0 : 1.0f - s0;
+      }
+      const float prev = hp ? hp[i * h + j] : 0.0f;
+      const float dk = d * (prev - n);
+      const float dgn = d * (1.0f - k) * (1.0f - n * n);
+      dxi[ns * h + j] = dgn;
+      dhi[ns * h + j] = dgn * r;
+      const float dr = dgn * hn[j];
+      float d0, d1 = 0.0f;
+      if constexpr (M == kGru) {
+        d0 = dr;
+        d1 = dk;
+      } else if constexpr (M == kAugru) {
+        d0 = -dk * a;
+        d1 = dr;
+        da -= dk * s0;
+      } else if constexpr (M == kUgru) {
+        d0 = -dk;
+        d1 = dr;
+      } else {
+        d0 = dr;
+        da -= dk;
+      }
+      const float g0 = d0 * s0 * (1.0f - s0);
+      dxi[j] = g0;
+      dhi[j] = g0;
+      if constexpr (M != kAgru) {
+        const float g1 = d1 * s1 * (1.0f - s1);
+        dxi[h + j] = g1;
+        dhi[h + j] = g1;
+      }
+      if (dprev) dprev[i * h + j] += d * k;
+    }
+    if (datt) datt[i] = da;
+  }
+}
+
+inline void check_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), "packed recurrence: ",
+              name, " must be a contiguous float32 CPU tensor");
+}
+
+template <int64_t M>
+std::vector<at::Tensor> forward_impl(const at::Tensor& x, const std::optional<at::Tensor>& att,
+                                     const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_hh,
+                                     const std::vector<int64_t>& steps) {
+  constexpr int64_t ns = M == kAgru ? 1 : 2;
+  const int64_t n_rows = x.size(0), h = weight_hh.size(1), g = (ns + 1) * h;
+  at::Tensor out = at::empty({n_rows, h}, x.options());
+  at::Tensor sig = at::empty({n_rows, ns * h}, x.options());
+  at::Tensor cand = at::empty({n_rows, h}, x.options());
+  at::Tensor hh_n = at::empty({n_rows, h}, x.options());
+  const int64_t b0 = steps.empty() ? 0 : steps[0];
+  at::Tensor hh = at::empty({b0, g}, x.options());
+  at::Tensor wt = weight_hh.t();
+  const float* attp = att ? att->data_ptr<float>() : nullptr;
+  int64_t start = 0, prev_start = 0;
+  for (size_t t = 0; t < steps.size(); ++t) {
+    const int64_t b = steps[t];
+    at::Tensor hh_b = hh.narrow(0, 0, b);
+    const float* hp = nullptr;
+    if (t == 0) {
+      if (bias_hh) hh_b.copy_(bias_hh->unsqueeze(0).expand({b, g}));
+      else hh_b.zero_();
+    } else {
+      at::Tensor prev = out.narrow(0, prev_start, b);
+      if (bias_hh) at::addmm_out(hh_b, *bias_hh, prev, wt);
+      else at::mm_out(hh_b, prev, wt);
+      hp = prev.data_ptr<float>();
+    }
+    step_forward<M>(b, h, x.data_ptr<float>() + start * g, hh_b.data_ptr<float>(), hp,
+                    attp ? attp + start : nullptr, sig.data_ptr<float>() + start * ns * h,
+                    cand.data_ptr<float>() + start * h, hh_n.data_ptr<float>() + start * h,
+                    out.data_ptr<float>() + start * h);
+    prev_start = start;
+    start += b;
+  }
+  return {out, sig, cand, hh_n};
+}
+
+template <int64_t M>
+std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& att,
+                                      const at::Tensor& weight_hh, const at::Tensor& out, const at::Tensor& sig,
+                                      const at::Tensor& cand, const at::Tensor& hh_n,
+                                      const std::vector<int64_t>& steps, bool has_bias) {
+  constexpr int64_t ns = M == kAgru ? 1 : 2;
+  const int64_t n_rows = out.size(0), h = out.size(1), g = (ns + 1) * h;
+  at::Tensor dh_all = grad_out.clone(at::MemoryFormat::Contiguous);
+  at::Tensor dx = at::empty({n_rows, g}, out.options());
+  at::Tensor dhh = at::empty({n_rows, g}, out.options());
+  at::Tensor datt = att ? at::zeros({n_rows}, out.options()) : at::Tensor();
+  const float* attp = att ? att->data_ptr<float>() : nullptr;
+  std::vector<int64_t> starts(steps.size(), 0);
+  for (size_t t = 1; t < steps.size(); ++t) starts[t] = starts[t - 1] + steps[t - 1];
+  float* dhp = dh_all.data_ptr<float>();
+  const float* outp = out.data_ptr<float>();
+  for (int64_t t = static_cast<int64_t>(steps.size()) - 1; t >= 0; --t) {
+    const int64_t b = steps[t], start = starts[t];
+    const float* hp = t > 0 ? outp + starts[t - 1] * h : nullptr;
+    float* dprev = t > 0 ? dhp + starts[t - 1] * h : nullptr;
+    step_backward<M>(b, h, dhp + start * h, sig.data_ptr<float>() + start * ns * h,
+                     cand.data_ptr<float>() + start * h, hh_n.data_ptr<float>() + start * h, hp,
+                     attp ? attp + start : nullptr, dx.data_ptr<float>() + start * g,
+                     dhh.data_ptr<float>() + start * g, att ? datt.data_ptr<float>() + start : nullptr, dprev);
+    if (t > 0) {
+      at::Tensor prev = dh_all.narrow(0, starts[t - 1], b);
+      prev.addmm_(dhh.narrow(0, start, b), weight_hh);  // through U h
+    }
+  }
+  // dU = sum over rows of dhh^T h_prev; a row of step t >= 1 started from row (its rank) of step t - 1, and
+  // the rows of step 0 started from zeros (no term).
+  at::Tensor dweight;
+  const int64_t first = steps.empty() ? 0 : steps[0];
+  if (n_rows > first) {
+    at::Tensor index = at::empty({n_rows - first}, out.options().dtype(at::kLong));
+    int64_t* ip = index.data_ptr<int64_t>();
+    for (size_t t = 1; t < steps.size(); ++t)
+      for (int64_t i = 0; i < steps[t]; ++i) *ip++ = starts[t - 1] + i;
+    dweight = at::mm(dhh.narrow(0, first, n_rows - first).t(), out.index_select(0, index));
+  } else {
+    dweight = at::zeros({g, h}, out.options());
+  }
+  at::Tensor dbias = has_bias ? dhh.sum(0) : at::Tensor();
+  return {dx, datt, dweight, dbias};
+}
+
+}  // namespace din_recurrence
+
+inline std::vector<at::Tensor> recurrence_forward(at::Tensor x, std::optional<at::Tensor> att, at::Tensor weight_hh,
+                                                  std::optional<at::Tensor> bias_hh, std::vector<int64_t> steps,
+                                                  int64_t mode) {
+  using namespace din_recurrence;
+  check_f32(x, "x");
+  check_f32(weight_hh, "weight_hh");
+  if (att) check_f32(*att, "att");
+  if (bias_hh) check_f32(*bias_hh, "bias_hh");
+  switch (mode) {
+    case kGru: return forward_impl<kGru>(x, att, weight_hh, bias_hh, steps);
+    case kAugru: return forward_impl<kAugru>(x, att, weight_hh, bias_hh, steps);
+    case kUgru: return forward_impl<kUgru>(x, att, weight_hh, bias_hh, steps);
+    case kAgru: return forward_impl<kAgru>(x, att, weight_hh, bias_hh, steps);
+  }
+  TORCH_CHECK(false, "packed recurrence: unknown mode ", mode);
+}
+
+inline std::vector<at::Tensor> recurrence_backward(at::Tensor grad_out, std::optional<at::Tensor> att,
+                                                   at::Tensor weight_hh, at::Tensor out, at::Tensor sig,
+                                                   at::Tensor cand, at::Tensor hh_n, std::vector<int64_t> steps,
+                                                   int64_t mode, bool has_bias) {
+  using namespace din_recurrence;
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), "packed recurrence: grad_out must match the states");
+  for (const at::Tensor* t : {&out, &sig, &cand, &hh_n, &weight_hh}) check_f32(*t, "saved tensor");
+  switch (mode) {
+    case kGru: return backward_impl<kGru>(grad_out, att, weight_hh, out, sig, cand, hh_n, steps, has_bias);
+    case kAugru: return backward_impl<kAugru>(grad_out, att, weight_hh, out, sig, cand, hh_n, steps, has_bias);
+    case kUgru: return backward_impl<kUgru>(grad_out, att, weight_hh, out, sig, cand, hh_n, steps, has_bias);
+    case kAgru: return backward_impl<kAgru>(grad_out, att, weight_hh, out, sig, cand, hh_n, steps, has_bias);
+  }
+  TORCH_CHECK(false, "packed recurrence: unknown mode ", mode);
+}

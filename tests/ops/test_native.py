@@ -1,0 +1,70 @@
+"""Building and loading the native kernels: the fallback to the PyTorch paths without a compiler or after a
+failed build (logged once, every caller still works), the switches, and the build tag following the sources."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from din_torchrec.modules.activations import Dice
+from din_torchrec.modules.recurrence import PackedRecurrence, _recurrence_function
+from din_torchrec.ops import native
+
+
+def _formula(x: torch.Tensor, alpha: torch.Tensor, eps: float) -> torch.Tensor:
+    mean, var = x.mean(0), x.var(0, unbiased=False)
+    p = torch.sigmoid((x - mean) / torch.sqrt(var + eps))
+    return x * (alpha + (1 - alpha) * p)
+
+
+def test_without_a_compiler_everything_runs_its_pytorch_path(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(native, "_state", {"enabled": True, "module": None})
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert native.kernels() is None
+    assert "no C++ compiler" in caplog.text
+    torch.manual_seed(3)
+    d = Dice(4)
+    x = torch.randn(100, 4) * 3
+    torch.testing.assert_close(d(x), _formula(x, d.alpha.detach(), 1e-8), rtol=1e-5, atol=1e-5)
+    assert _recurrence_function(torch.randn(3, 6)) is PackedRecurrence
+
+
+def test_a_failed_build_is_reported_once_and_not_retried(monkeypatch, caplog) -> None:
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setattr(native, "_state", {"enabled": True, "module": None})
+    builds: list[str] = []
+
+    def broken(**kwargs):
+        builds.append(kwargs["name"])
+        raise RuntimeError("compiler exploded")
+
+    monkeypatch.setattr(cpp, "load", broken)
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert native.kernels() is None
+        assert native.kernels() is None
+    assert len(builds) == 1 and "compiler exploded" in caplog.text
+    assert not native.usable(torch.randn(40, 3))
+
+
+def test_switches_and_unsupported_inputs(monkeypatch) -> None:
+    monkeypatch.setattr(native, "_state", {"enabled": True, "module": native._state["module"]})
+    assert not native.usable(torch.randn(40, 3, dtype=torch.float64))
+    assert not native.usable(torch.randn(40, 3).bfloat16())  # float32 unless the caller allows more
+    native.set_enabled(False)
+    assert native.kernels() is None and not native.usable(torch.randn(40, 3))
+    monkeypatch.setenv("DIN_TORCHREC_NATIVE_KERNELS", "0")
+    native.set_enabled(True)  # the environment wins
+    assert native.kernels() is None
+
+
+def test_the_build_tag_changes_with_any_source(monkeypatch, tmp_path) -> None:
+    for name in native._SOURCES:
+        (tmp_path / name).write_bytes((native._DIR / name).read_bytes())
+    monkeypatch.setattr(native, "_DIR", tmp_path)
+    tag = native._build_tag()
+    header = tmp_path / "recurrence_kernel.h"
+    header.write_text(header.read_text() + "\n// edited\n")
+    assert native._build_tag() != tag
