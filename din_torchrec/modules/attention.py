@@ -8,9 +8,9 @@ Two paths compute the same thing:
   and the first layer is split algebraically,
   ``W [b, c, b-c, b*c] = (W_b + W_d) b + (W_c - W_d) c + W_p (b*c)``,
   so the candidate-side product is computed once per sample (B rows), not once per behaviour (N rows), and
-  the behaviour side is one ``[N, 2D] x [2D, H]`` matmul on ``[b, b*c]``; Dice runs through ATen's
-  batch-norm kernel and :class:`~din_torchrec.modules.activations.DiceGate` (fused passes, written-out
-  backward).
+  the behaviour side is one ``[N, 2D] x [2D, H]`` matmul on ``[b, b*c]``; on the CPU ``[b, b*c]``, the
+  pooling (:mod:`din_torchrec.ops.jagged`) and Dice (:mod:`din_torchrec.ops.fused_dice`) are native kernels
+  of one or two passes each way, elsewhere their PyTorch references.
 
 Tests check the fast path against the reference on random jagged inputs, empty and length-1 histories
 included.
@@ -23,6 +23,7 @@ from torch import nn
 
 from din_torchrec.modules.activations import apply_reference, make_activation
 from din_torchrec.modules.mlp import MLP, row_bucketed
+from din_torchrec.ops.jagged import product_features, weighted_segment_sum
 
 
 def segment_ids(lengths: torch.Tensor) -> torch.Tensor:
@@ -110,7 +111,7 @@ class LocalActivationUnit(nn.Module):
         # Candidate side once per sample: (W_c - W_d) c + bias, [B, H].
         cand_part = torch.addmm(self.first.bias, candidates, (w_c - w_d).t())
         # Behaviour side as one matmul: [b, b*c] @ [W_b + W_d; W_p]^T, [N, H], plus the candidate rows.
-        x = torch.cat([behaviours, behaviours * candidates.index_select(0, segments)], dim=1)
+        x = product_features(behaviours, candidates, segments)  # one native pass on the CPU (ops/jagged.py)
         w_beh = torch.cat([w_b + w_d, w_p], dim=1).t()
         # Rows padded to a bucket under bf16 on the CPU: a bounded set of matmul shapes (see mlp.ROW_BUCKET).
         h = row_bucketed(lambda v, c: torch.addmm(c, v, w_beh), x, cand_part.index_select(0, segments))
@@ -159,7 +160,7 @@ class TargetAttentionPooling(nn.Module):
             weights = segment_softmax(scores, segments, lengths.numel())
         else:
             weights = scores
-        pooled = torch.zeros_like(candidates).index_add(0, segments, behaviours * weights.unsqueeze(-1))
+        pooled = weighted_segment_sum(behaviours, weights, segments, lengths.numel()).to(candidates.dtype)
         return pooled, weights
 
     def forward_padded(

@@ -1,11 +1,16 @@
-// The project's native CPU kernels as one extension module (one build): see dice_kernel.h and
+// The project's native CPU kernels as one extension module (one build): see dice_kernel.h, jagged_kernel.h and
 // recurrence_kernel.h; loaded by din_torchrec/ops/native.py.
 #include "dice_kernel.h"
+#include "jagged_kernel.h"
 #include "recurrence_kernel.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dice_forward", &dice_forward, "Dice forward (training mode): out, mean, var, invstd");
   m.def("dice_backward", &dice_backward, "Dice backward: grad_x, grad_alpha");
+  m.def("product_features", &product_features, "jagged [b, b * c[seg]]");
+  m.def("product_features_backward", &product_features_backward, "grad_b, grad_c");
+  m.def("weighted_segment_sum", &weighted_segment_sum, "sum over each sample's rows of w b");
+  m.def("weighted_segment_sum_backward", &weighted_segment_sum_backward, "grad_b, grad_w");
   m.def("recurrence_forward", &recurrence_forward, "packed gated recurrence: out, sig, cand, hh_n");
   m.def("recurrence_backward", &recurrence_backward, "packed gated recurrence backward: dx, datt, dweight, dbias");
 }

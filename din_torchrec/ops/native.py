@@ -1,5 +1,5 @@
-"""The native CPU kernels (``native.cpp``: ``dice_kernel.h``, ``recurrence_kernel.h``) as one extension module,
-built on first use with the host's C++ compiler (``torch.utils.cpp_extension``).
+"""The native CPU kernels (``native.cpp``: ``dice_kernel.h``, ``jagged_kernel.h``, ``recurrence_kernel.h``) as
+one extension module, built on first use with the host's C++ compiler (``torch.utils.cpp_extension``).
 
 The first build takes about 20-30 s and is cached under ``TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions``); the module name carries a hash of the sources, the torch version and the CPU's
@@ -24,7 +24,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
-_SOURCES = ("native.cpp", "dice_kernel.h", "recurrence_kernel.h")
+_SOURCES = ("native.cpp", "dice_kernel.h", "jagged_kernel.h", "recurrence_kernel.h")
 _ENV = "DIN_TORCHREC_NATIVE_KERNELS"
 _FAILED = "failed"
 _lock = threading.Lock()

@@ -1,0 +1,110 @@
+"""The jagged kernels of DIN's attention (ops/jagged_kernel.h) against their PyTorch references: values and
+gradients on random jagged batches with empty and length-1 histories, unsorted segments, bf16 outputs and
+weights, several threads."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+from din_torchrec.modules.attention import segment_ids
+from din_torchrec.ops import jagged, native
+
+pytestmark = pytest.mark.skipif(native.kernels() is None, reason="the native kernels did not build")
+
+
+def _batch(lengths: list[int], d: int, seed: int, shuffle: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    seg = segment_ids(torch.tensor(lengths))
+    if shuffle:
+        seg = seg[torch.randperm(seg.numel(), generator=g)]
+    b = torch.randn(seg.numel(), d, generator=g).requires_grad_()
+    c = torch.randn(len(lengths), d, generator=g).requires_grad_()
+    w = torch.randn(seg.numel(), generator=g).requires_grad_()
+    return b, c, w, seg
+
+
+def _value_and_grads(fn, inputs, g):
+    for t in inputs:
+        t.grad = None
+    out = fn()
+    (out.float() * g).sum().backward()
+    return out, [t.grad.clone() for t in inputs]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 12), min_size=1, max_size=20),
+    d=st.integers(1, 40),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kernels_equal_their_references(lengths, d, shuffle, seed) -> None:
+    b, c, w, seg = _batch(lengths, d, seed, shuffle)
+    n, bsz = seg.numel(), len(lengths)
+    g = torch.randn(n, 2 * d)
+    got = _value_and_grads(lambda: jagged._ProductFeatures.apply(b, c, seg, False), [b, c], g)
+    want = _value_and_grads(lambda: jagged.product_features_reference(b, c, seg), [b, c], g)
+    torch.testing.assert_close(got[0], want[0])
+    for a, e in zip(got[1], want[1]):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    g = torch.randn(bsz, d)
+    got = _value_and_grads(lambda: jagged._WeightedSegmentSum.apply(b, w, seg, bsz), [b, w], g)
+    want = _value_and_grads(lambda: jagged.weighted_segment_sum_reference(b, w, seg, bsz), [b, w], g)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for a, e in zip(got[1], want[1]):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_features_are_autocasts_rounding_of_the_float32_ones() -> None:
+    b, c, _, seg = _batch([5, 0, 1, 9, 3] * 50, 16, 1)
+    g = torch.randn(seg.numel(), 32).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = jagged.product_features(b, c, seg)
+    assert x.dtype == torch.bfloat16
+    assert torch.equal(x, jagged.product_features_reference(b, c, seg).bfloat16())
+    (x * g).float().sum().backward()
+    gb, gc = b.grad.clone(), c.grad.clone()
+    b.grad = c.grad = None
+    (jagged.product_features_reference(b, c, seg) * g.float()).sum().backward()
+    torch.testing.assert_close(gb, b.grad)
+    torch.testing.assert_close(gc, c.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_weights_pool_in_float32_and_get_a_bf16_gradient() -> None:
+    b, _, w, seg = _batch([7, 0, 2, 1] * 40, 8, 2)
+    wb = w.detach().bfloat16().requires_grad_()
+    p = jagged.weighted_segment_sum(b, wb, seg, 160)
+    assert p.dtype == torch.float32
+    torch.testing.assert_close(p, jagged.weighted_segment_sum_reference(b, wb.float(), seg, 160))
+    p.sum().backward()
+    assert wb.grad.dtype == torch.bfloat16
+
+
+def test_several_threads_give_the_single_thread_result() -> None:
+    b, c, w, seg = _batch([30] * 400, 24, 3)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            results.append(
+                (
+                    jagged._WeightedSegmentSum.apply(b, w, seg, 400).detach(),
+                    torch.autograd.grad(jagged._ProductFeatures.apply(b, c, seg, False).sum(), [c])[0],
+                )
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_inputs_take_the_reference() -> None:
+    b, c, w, seg = _batch([3, 2], 4, 4)
+    x = jagged.product_features(b.double(), c.double(), seg)
+    assert x.dtype == torch.float64 and x.grad_fn.name() == "CatBackward0"
+    p = jagged.weighted_segment_sum(b.double(), w.double(), seg, 2)
+    assert p.dtype == torch.float64
