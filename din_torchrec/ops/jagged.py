@@ -59,10 +59,12 @@ class _WeightedSegmentSum(torch.autograd.Function):
 def product_features(b: torch.Tensor, c: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
     """``[b, b * c[seg]]`` (:func:`product_features_reference`); under bf16 autocast on the CPU the kernel
     writes it in bf16 directly (the values autocast's cast of the float32 result would give)."""
-    if not (native.usable(b) and c.dtype == torch.float32):
+    if not (native.usable(b) and c.dtype in (torch.float32, torch.bfloat16)):
         return product_features_reference(b, c, seg)
     bf16_out = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    return _ProductFeatures.apply(b.contiguous(), c.contiguous(), seg.contiguous(), bf16_out)
+    # A bf16 c (DIEN's candidate projection under autocast) is exact in float32: the reference's float32
+    # product of the float32 b with it gives the same values; its gradient returns to bf16 through the cast.
+    return _ProductFeatures.apply(b.contiguous(), c.float().contiguous(), seg.contiguous(), bf16_out)
 
 
 def weighted_segment_sum(

@@ -73,6 +73,22 @@ def test_bf16_features_are_autocasts_rounding_of_the_float32_ones() -> None:
     torch.testing.assert_close(gc, c.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_a_bf16_candidate_gives_the_reference_values_and_a_bf16_gradient() -> None:
+    b, c, _, seg = _batch([4, 0, 1, 6] * 30, 12, 5)
+    cb = c.detach().bfloat16().requires_grad_()
+    x = jagged.product_features(b, cb, seg)
+    assert x.grad_fn is not None and x.dtype == torch.float32
+    torch.testing.assert_close(x, jagged.product_features_reference(b, cb, seg))
+    g = torch.randn_like(x)
+    (x * g).sum().backward()
+    # The kernel sums each sample's rows in float32 and rounds once (the reference's bf16 index_add rounds at
+    # every row): compare with the float32 gradient, to bf16 precision.
+    c32 = cb.detach().float().requires_grad_()
+    (jagged.product_features_reference(b, c32, seg) * g).sum().backward()
+    assert cb.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(cb.grad.float(), c32.grad, rtol=8e-3, atol=1e-6)
+
+
 def test_bf16_weights_pool_in_float32_and_get_a_bf16_gradient() -> None:
     b, _, w, seg = _batch([7, 0, 2, 1] * 40, 8, 2)
     wb = w.detach().bfloat16().requires_grad_()
