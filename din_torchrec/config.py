@@ -87,7 +87,9 @@ class DataConfig:
     eval_batch_size: int = 4096
     shuffle_buffer: int = 65_536
     read_chunk_rows: int = 65_536
-    prefetch_batches: int = 2
+    # Batches read ahead on a background thread: -1 (default) picks 2 when a core is free for the reader
+    # (a GPU computes, or the process may use >= 2 more CPUs than torch's threads), else 0 (read inline).
+    prefetch_batches: int = -1
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
     def resolve(self, path: str) -> Path:
@@ -315,6 +317,11 @@ class ExperimentConfig:
             raise ConfigError(f"training.focal_alpha: expected in [0, 1], got {self.training.focal_alpha}")
         if self.training.focal_gamma < 0:
             raise ConfigError(f"training.focal_gamma: expected >= 0, got {self.training.focal_gamma}")
+        if self.data.prefetch_batches < -1:
+            raise ConfigError(
+                f"data.prefetch_batches: expected -1 (auto), 0 (read inline) or a depth > 0, got "
+                f"{self.data.prefetch_batches}"
+            )
         if self.training.grad_accumulation_steps < 1:
             raise ConfigError(
                 f"training.grad_accumulation_steps: expected >= 1, got {self.training.grad_accumulation_steps}"

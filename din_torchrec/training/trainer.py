@@ -259,6 +259,26 @@ def _autocast(cfg: ExperimentConfig, device: torch.device) -> contextlib.Abstrac
     return contextlib.nullcontext()
 
 
+def prefetch_depth(setting: int, device: torch.device) -> int:
+    """``data.prefetch_batches`` resolved: ``-1`` (auto) reads 2 batches ahead on a thread when a core is free
+    for it, else inline.
+
+    The reader is Python (numpy on small arrays, KJT building) and holds the GIL for most of its time, so the
+    thread pays only beside a GPU or with a spare core: DIN bf16 in ``Trainer.fit`` on the 2-vCPU development
+    machine with one torch thread read inline at 29,270-31,359 samples/s and with the thread at 27,943-27,950
+    (its steps 10 % slower; docs/benchmarks.md, section 4).
+    """
+    if setting >= 0:
+        return setting
+    if device.type == "cuda":
+        return 2
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return 2 if cpus - torch.get_num_threads() >= 2 else 0
+
+
 def train_micro_step(
     model: nn.Module,
     dense_opt: torch.optim.Optimizer,
@@ -329,6 +349,11 @@ class Trainer:
 
             compiled = compile_hot_paths(self.model)
             self._log(f"torch.compile (dynamic shapes): {', '.join(compiled) or 'nothing found to compile'}")
+            if self.env.device.type == "cpu" and native.kernels() is not None:
+                self._log(
+                    "note: compiled regions run Inductor's code instead of the native CPU kernels; measured "
+                    "slower than the kernels on the CPU (docs/benchmarks.md, section 2)"
+                )
 
     def _log(self, msg: str) -> None:
         if self.env.is_main:
@@ -433,10 +458,9 @@ class Trainer:
             running: list[float] = []
             done = start
             # A background thread reads the next batches while this one trains (pipelined input).
+            depth = prefetch_depth(cfg.data.prefetch_batches, env.device)
             batches: Any = (
-                iter(Prefetcher(self.train_reader, depth=cfg.data.prefetch_batches))
-                if cfg.data.prefetch_batches > 0
-                else iter(self.train_reader)
+                iter(Prefetcher(self.train_reader, depth=depth)) if depth > 0 else iter(self.train_reader)
             )
             for i, batch in enumerate(batches):
                 if i >= steps_per_epoch:

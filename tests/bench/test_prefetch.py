@@ -136,3 +136,34 @@ def test_prefetching_the_real_reader_gives_the_same_batches(small_dataset) -> No
         assert torch.equal(a.labels, b.labels)
         assert torch.equal(a.sequence_features.values(), b.sequence_features.values())
         assert torch.equal(a.hist_lengths, b.hist_lengths)
+
+
+def test_auto_prefetch_depth_reads_ahead_only_with_a_core_to_spare(monkeypatch) -> None:
+    """-1 picks 2 beside a GPU or with >= 2 CPUs beyond torch's threads, else inline; set values are kept."""
+    import os
+
+    import torch
+
+    from din_torchrec.training.trainer import prefetch_depth
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert prefetch_depth(-1, cpu) == 0  # 2 CPUs, 1 torch thread: the reader would share a core
+    assert prefetch_depth(-1, torch.device("cuda")) == 2
+    assert prefetch_depth(3, cpu) == 3 and prefetch_depth(0, torch.device("cuda")) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert prefetch_depth(-1, cpu) == 2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 15)
+    assert prefetch_depth(-1, cpu) == 0
+
+
+def test_config_refuses_a_negative_prefetch_depth_other_than_auto() -> None:
+    import pytest
+
+    from din_torchrec.config import ConfigError, ExperimentConfig
+
+    cfg = ExperimentConfig()
+    cfg.data.prefetch_batches = -2
+    with pytest.raises(ConfigError, match="data.prefetch_batches"):
+        cfg.validate()
