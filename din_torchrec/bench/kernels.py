@@ -14,6 +14,8 @@ Cases (the module each fast path lives in):
 * ``din_attention_softmax``: the same with softmax normalisation (segment softmax vs a masked softmax);
 * ``din_scores``: the unit's ``scores_jagged`` vs ``scores_reference`` (candidate rows repeated per
   behaviour);
+* ``dice`` / ``dice_vs_aten``: Dice in training mode on ``[N, H]`` (the native CPU kernel where built) vs its
+  formula term by term / vs ATen's batch-norm kernel + ``DiceGate`` (the path without the kernel);
 * ``dien_extractor``: :class:`~din_torchrec.modules.interest_evolution.InterestExtractor` (the single-node
   packed recurrence of :mod:`~din_torchrec.modules.recurrence`) vs ``nn.GRU`` over the padded block, and
   (``_vs_packed_gru``) vs ``nn.GRU`` on a ``PackedSequence``;
@@ -236,6 +238,31 @@ def din_attention_case(
     case = Case(name, fast, ref, [cand], [att], batch, n, reference_name="forward_padded")
     case.extra["padded_grad_check"] = (beh, padded, mask)
     return case
+
+
+def dice_case(batch: int, history: int, hidden: int, lengths_mode: str, seed: int, reference: str) -> Case:
+    """Dice in training mode on the ``[N, H]`` activations of a jagged batch: ``Dice.forward`` (the native
+    CPU kernel where it is built) against ``forward_reference`` (the formula term by term) or, with
+    ``reference="aten"``, against ``forward_aten`` (ATen's batch-norm kernel + DiceGate, the fallback)."""
+    from din_torchrec.modules.activations import Dice
+
+    g = _gen(seed)
+    torch.manual_seed(seed)
+    dice = Dice(hidden)
+    with torch.no_grad():
+        dice.alpha.uniform_(-0.5, 0.5, generator=g)
+    lengths = random_lengths(batch, history, lengths_mode, g)
+    n = int(lengths.sum())
+    x = (torch.randn(n, hidden, generator=g) * 2 + 0.5).requires_grad_()
+    if reference == "aten":
+        name, ref, ref_name = (
+            "dice_vs_aten",
+            (lambda: dice.forward_aten(x)),
+            "forward_aten (batch norm + DiceGate)",
+        )
+    else:
+        name, ref, ref_name = "dice", (lambda: dice.forward_reference(x)), "forward_reference"
+    return Case(name, lambda: dice(x), ref, [x], [dice], batch, n, reference_name=ref_name)
 
 
 def din_scores_case(
@@ -528,6 +555,8 @@ def build_cases(s: KernelSettings) -> list[Case]:
             b, t, d, s.hidden, s.activation, "softmax", s.lengths, s.seed
         ),
         "din_scores": lambda: din_scores_case(b, t, d, s.hidden, s.activation, s.lengths, s.seed),
+        "dice": lambda: dice_case(b, t, s.hidden[0], s.lengths, s.seed, "formula"),
+        "dice_vs_aten": lambda: dice_case(b, t, s.hidden[0], s.lengths, s.seed, "aten"),
         "dien_extractor": lambda: dien_extractor_case(b, t, d, d, s.lengths, s.seed),
         "dien_extractor_vs_packed_gru": lambda: dien_extractor_case(b, t, d, d, s.lengths, s.seed, "packed"),
         "dien_evolution": lambda: dien_evolution_case(

@@ -80,12 +80,21 @@ class Dice(nn.Module):
         if not self.training or flat.shape[0] < _FUSED_MIN_ROWS:
             return self.forward_reference(x)
         if fused_dice.usable(flat):
-            # One native kernel each way (ops/dice_cpu.cpp): 2 passes over [N, H] instead of ATen's ~9 / ~18.
-            out, mean, var = fused_dice.dice_train(flat, self.alpha, self.eps)
-            with torch.no_grad():
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-                self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
-            return out.view(x.shape)
+            return self.forward_native(x)
+        return self.forward_aten(x)
+
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        """Training mode through the native CPU kernel (ops/dice_kernel.h): 2 passes over ``[N, H]`` each way
+        instead of ATen's ~9 / ~18."""
+        out, mean, var = fused_dice.dice_train(x.reshape(-1, self.num_features), self.alpha, self.eps)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
+        return out.view(x.shape)
+
+    def forward_aten(self, x: torch.Tensor) -> torch.Tensor:
+        """Training mode through ATen's batch-norm kernel and :class:`DiceGate` (GPU, no compiler, compile)."""
+        flat = x.reshape(-1, self.num_features)
         # native_batch_norm returns the normalised input, the batch mean and 1/sqrt(var + eps).
         z, mean, invstd = torch.ops.aten.native_batch_norm(flat, None, None, None, None, True, 0.0, self.eps)
         with torch.no_grad():

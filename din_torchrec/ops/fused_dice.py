@@ -3,8 +3,8 @@
 Why a hand-written kernel: Dice runs on every hidden layer of DIN's attention unit (and of DIEN's), on
 ``[N, H]`` activations of all N behaviours of a batch. Through ATen it is ~9 passes over ``[N, H]`` forward
 and ~18 backward (batch norm, sigmoid, gate, products, sums, batch-norm backward), each costing ~0.2-0.5 ns
-per element here whether or not the tensor fits in cache; the kernel makes 2 passes each way and recomputes
-the sigmoid instead of storing it (Dice forward + backward on ``[26k, 80]``: ~3 ms vs ~7-8 ms,
+per element here whether or not the tensor fits in cache; the kernel makes 2 passes each way, keeping only
+the float32 sigmoid for the backward (Dice forward + backward on ``[26k, 80]``: ~2.5-3 ms vs ~7-8 ms,
 docs/benchmarks.md). TorchInductor (``training.compile``) fuses the same passes but compiles per model and pays
 it in every job; this kernel is built once per machine (:mod:`din_torchrec.ops.native`). Where it cannot run
 (GPU, other dtypes, no compiler, under ``torch.compile``) Dice takes its ATen path
@@ -29,18 +29,18 @@ class _FusedDice(torch.autograd.Function):
         mod = native.kernels()
         assert mod is not None
         a = alpha.detach().float().contiguous()
-        out, mean, var, invstd = mod.dice_forward(x, a, eps)
-        ctx.save_for_backward(x, mean, invstd, a)
+        out, mean, var, invstd, prob = mod.dice_forward(x, a, eps)
+        ctx.save_for_backward(x, prob, mean, invstd, a)
         ctx.alpha_dtype = alpha.dtype
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _gm: torch.Tensor, _gv: torch.Tensor):  # type: ignore[override]
-        x, mean, invstd, a = ctx.saved_tensors
+        x, prob, mean, invstd, a = ctx.saved_tensors
         mod = native.kernels()
         assert mod is not None
-        grad_x, grad_alpha = mod.dice_backward(grad.contiguous(), x, mean, invstd, a)
+        grad_x, grad_alpha = mod.dice_backward(grad.contiguous(), x, prob, mean, invstd, a)
         return grad_x, grad_alpha.to(ctx.alpha_dtype), None
 
 

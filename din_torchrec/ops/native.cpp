@@ -5,7 +5,7 @@
 #include "recurrence_kernel.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dice_forward", &dice_forward, "Dice forward (training mode): out, mean, var, invstd");
+  m.def("dice_forward", &dice_forward, "Dice forward (training mode): out, mean, var, invstd, sigmoid");
   m.def("dice_backward", &dice_backward, "Dice backward: grad_x, grad_alpha");
   m.def("product_features", &product_features, "jagged [b, b * c[seg]]");
   m.def("product_features_backward", &product_features_backward, "grad_b, grad_c");
