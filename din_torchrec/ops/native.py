@@ -65,9 +65,28 @@ def kernels() -> ModuleType | None:
     return None if module is _FAILED else module  # type: ignore[return-value]
 
 
+def _ensure_ninja() -> bool:
+    """``torch.utils.cpp_extension`` builds with ninja found on ``PATH``; the ``ninja`` wheel (a pinned
+    requirement) puts it in the virtualenv's ``bin``, which is not on ``PATH`` unless the venv is activated."""
+    if shutil.which("ninja"):
+        return True
+    try:
+        import ninja  # type: ignore[import-not-found]
+    except ImportError:
+        return False
+    os.environ["PATH"] = str(ninja.BIN_DIR) + os.pathsep + os.environ.get("PATH", "")
+    return shutil.which("ninja") is not None
+
+
 def _build() -> ModuleType | str:
     if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
         log.warning("native kernels: no C++ compiler found; Dice and the recurrences run their PyTorch paths")
+        return _FAILED
+    if not _ensure_ninja():
+        log.warning(
+            "native kernels: ninja not found (pip install ninja); Dice and the recurrences run their "
+            "PyTorch paths"
+        )
         return _FAILED
     from torch.utils.cpp_extension import load
 

@@ -68,3 +68,24 @@ def test_the_build_tag_changes_with_any_source(monkeypatch, tmp_path) -> None:
     header = tmp_path / "recurrence_kernel.h"
     header.write_text(header.read_text() + "\n// edited\n")
     assert native._build_tag() != tag
+
+
+def test_ninja_from_the_wheel_is_put_on_path_when_the_venv_is_not_activated(monkeypatch, tmp_path) -> None:
+    import sys
+    import types
+
+    found: list[str] = []
+
+    def which(name: str, path: str | None = None) -> str | None:
+        if name == "ninja" and str(tmp_path) in native.os.environ["PATH"].split(native.os.pathsep):
+            found.append(name)
+            return str(tmp_path / "ninja")
+        return None
+
+    monkeypatch.setattr(native.shutil, "which", which)
+    monkeypatch.setenv("PATH", "/nowhere")
+    monkeypatch.setitem(sys.modules, "ninja", types.SimpleNamespace(BIN_DIR=str(tmp_path)))
+    assert native._ensure_ninja() and found == ["ninja"]
+    monkeypatch.setitem(sys.modules, "ninja", None)  # the wheel missing too
+    monkeypatch.setenv("PATH", "/nowhere")
+    assert not native._ensure_ninja()
