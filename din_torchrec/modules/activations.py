@@ -87,9 +87,7 @@ class Dice(nn.Module):
         """Training mode through the native CPU kernel (ops/dice_kernel.h): 2 passes over ``[N, H]`` each way
         instead of ATen's ~9 / ~18."""
         out, mean, var = fused_dice.dice_train(x.reshape(-1, self.num_features), self.alpha, self.eps)
-        with torch.no_grad():
-            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-            self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
+        self._track(mean, var)
         return out.view(x.shape)
 
     def forward_aten(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,11 +96,18 @@ class Dice(nn.Module):
         # native_batch_norm returns the normalised input, the batch mean and 1/sqrt(var + eps).
         z, mean, invstd = torch.ops.aten.native_batch_norm(flat, None, None, None, None, True, 0.0, self.eps)
         with torch.no_grad():
-            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-            var = invstd.to(self.running_var.dtype).pow(-2) - self.eps  # the biased batch variance
-            self.running_var.lerp_(var, self.momentum)
+            self._track(
+                mean, invstd.to(self.running_var.dtype).pow(-2) - self.eps
+            )  # the biased batch variance
         out = DiceGate.apply(flat, z.to(flat.dtype), self.alpha.to(flat.dtype))
         return out.view(x.shape)
+
+    @torch.no_grad()
+    def _track(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Moves the running estimates towards a batch's mean and biased variance by ``lerp(momentum)``. Under
+        bf16 autocast the batch statistics may be bf16; the running buffers stay fp32."""
+        self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+        self.running_var.lerp_(var.detach().to(self.running_var.dtype), self.momentum)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The formula, term by term (and the eval / few-rows path of :meth:`forward`)."""
@@ -111,10 +116,7 @@ class Dice(nn.Module):
             # mean(x) and mean(x^2) instead of var_mean: var_mean over dim 0 is ~30x slower on CPU here.
             mean = flat.mean(0)
             var = (flat * flat).mean(0) - mean * mean
-            with torch.no_grad():
-                # Under bf16 autocast the batch statistics are bf16; the running buffers stay fp32.
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-                self.running_var.lerp_(var.detach().to(self.running_var.dtype), self.momentum)
+            self._track(mean, var)
         else:
             mean, var = self.running_mean, self.running_var
         p = torch.sigmoid((x - mean) * torch.rsqrt(var.clamp_min(0) + self.eps))
