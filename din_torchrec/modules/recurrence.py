@@ -262,9 +262,10 @@ def packed_recurrence(
     if x.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(x.device.type):
         # The recurrence accumulates over up to T steps: it runs in float32 under mixed precision (the
         # buffers are allocated in x's dtype, so autocast must not change the dtype of the ops inside).
+        x = x.float()
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return _recurrence_function(x.float()).apply(
-                x.float(),
+            return _recurrence_function(x).apply(
+                x,
                 None if att is None else att.float(),
                 weight_hh.float(),
                 None if bias_hh is None else bias_hh.float(),
