@@ -42,6 +42,9 @@ def test_native_recurrence_equals_the_float64_loop(lengths, mode, hidden, seed) 
         lengths[0] = 1
     steps = packed_layout(torch.tensor(lengths)).steps
     x, att, w, b = _inputs(mode, sum(lengths), hidden, dtype=torch.float32)
+    # nn.GRU's scale of weights: with N(0, 1) weights at hidden 32 a few steps are already chaotic and
+    # float32 rounding differences between any two correct implementations grow past the tolerance.
+    w = (w.detach() / hidden**0.5).requires_grad_()
     inputs = (x, att, w, b)
     g = torch.randn(sum(lengths), hidden)
 
