@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
+#include "kernel_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -27,14 +29,8 @@ namespace din_dice {
 
 constexpr int64_t kBlockRows = 256;
 
-template <typename T>
-inline float to_float(T v) { return static_cast<float>(v); }
-
-inline float sigmoid(float z) {
-  // Clamped so that exp never overflows (sigmoid is 0 / 1 to float precision well inside this range).
-  z = std::min(std::max(z, -88.0f), 88.0f);
-  return 1.0f / (1.0f + std::exp(-z));
-}
+using din_ops::sigmoid;
+using din_ops::to_float;
 
 // The inner loops, one row each, as functions with restrict-qualified parameters: GCC then vectorises them
 // without run-time alias checks (restrict on pointers captured by a lambda is not honoured).

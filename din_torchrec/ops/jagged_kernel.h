@@ -16,12 +16,13 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
+#include "kernel_math.h"
+
 #include <vector>
 
 namespace din_jagged {
 
-template <typename T>
-inline float f32(T v) { return static_cast<float>(v); }
+using din_ops::to_float;
 
 // Runs fn(row_begin, row_end, partial) over row ranges, one range per thread, each summing into its own zeroed
 // [rows_b, d] float buffer; returns the buffers' sum as a [rows_b, d] float tensor.
@@ -53,8 +54,8 @@ template <typename T>
 inline void features_grad_row(const T* __restrict__ g, const float* __restrict__ b, const float* __restrict__ c,
                               float* __restrict__ gb, float* __restrict__ gc, int64_t d) {
   for (int64_t j = 0; j < d; ++j) {
-    const float g2 = f32(g[d + j]);
-    gb[j] = f32(g[j]) + g2 * c[j];
+    const float g2 = to_float(g[d + j]);
+    gb[j] = to_float(g[j]) + g2 * c[j];
     gc[j] += g2 * b[j];
   }
 }
@@ -103,7 +104,7 @@ at::Tensor weighted_sum_impl(const at::Tensor& b, const at::Tensor& w, const at:
   const int64_t* sp = seg.data_ptr<int64_t>();
   return partial_sums(n, rows_b, d, b.options(), [&](int64_t r0, int64_t r1, float* part) {
     for (int64_t r = r0; r < r1; ++r) {
-      const float wr = f32(wp[r]);
+      const float wr = to_float(wp[r]);
       const float* __restrict__ br = bp + r * d;
       float* __restrict__ pr = part + sp[r] * d;
       for (int64_t j = 0; j < d; ++j) pr[j] += wr * br[j];
@@ -125,7 +126,7 @@ std::vector<at::Tensor> weighted_sum_backward_impl(const at::Tensor& gp, const a
   W* gwp = gw.data_ptr<W>();
   at::parallel_for(0, n, 1024, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const float wr = f32(wp[r]);
+      const float wr = to_float(wp[r]);
       const float* __restrict__ g = gpp + sp[r] * d;
       const float* __restrict__ br = bp + r * d;
       float* __restrict__ out = gbp + r * d;

@@ -11,6 +11,8 @@
 
 #include <torch/extension.h>
 
+#include "kernel_math.h"
+
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -19,10 +21,7 @@ namespace din_recurrence {
 
 enum Mode : int64_t { kGru = 0, kAugru = 1, kUgru = 2, kAgru = 3 };
 
-inline float sigmoid(float v) {
-  v = std::fmin(std::fmax(v, -88.0f), 88.0f);
-  return 1.0f / (1.0f + std::exp(-v));
-}
+using din_ops::sigmoid;
 
 inline float tanh_(float v) {
   // 2 sigmoid(2v) - 1, as the Python path computes it (vectorises through the same exp).
