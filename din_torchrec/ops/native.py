@@ -90,9 +90,9 @@ def _build() -> ModuleType | str:
         return _FAILED
     from torch.utils.cpp_extension import load
 
-    name = f"din_torchrec_native_{_build_tag()}"
-    log.info("building the native kernels %s (once per machine and version; cached)", name)
     try:
+        name = f"din_torchrec_native_{_build_tag()}"  # reads the sources: a broken install lacks them
+        log.info("building the native kernels %s (once per machine and version; cached)", name)
         return load(
             name=name,
             sources=[str(_DIR / "native.cpp")],

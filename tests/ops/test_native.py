@@ -89,3 +89,23 @@ def test_ninja_from_the_wheel_is_put_on_path_when_the_venv_is_not_activated(monk
     monkeypatch.setitem(sys.modules, "ninja", None)  # the wheel missing too
     monkeypatch.setenv("PATH", "/nowhere")
     assert not native._ensure_ninja()
+
+
+def test_missing_kernel_sources_fall_back_with_a_warning(monkeypatch, tmp_path, caplog) -> None:
+    """An install without the ``.cpp`` / ``.h`` files (package data) warns and keeps the PyTorch paths."""
+    monkeypatch.setattr(native, "_state", {"enabled": True, "module": None})
+    monkeypatch.setattr(native, "_DIR", tmp_path)  # empty: no sources
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert native.kernels() is None
+    assert "build failed" in caplog.text and "native.cpp" in caplog.text
+
+
+def test_the_kernel_sources_are_package_data() -> None:
+    from pathlib import Path
+
+    import tomllib
+
+    pyproject = tomllib.loads((Path(native.__file__).parents[2] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["din_torchrec"]
+    for name in native._SOURCES:
+        assert any(Path("ops", name).match(p) for p in patterns), name
