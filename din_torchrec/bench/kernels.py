@@ -24,6 +24,8 @@ Cases (the module each fast path lives in):
   vs ``forward_loop`` (the same packed loop with autograd recording every cell step);
 * ``dien_augru``: the AUGRU recurrence alone, one autograd node vs the packed loop of ``AUGRUCell.step``;
 * ``dien_aux_loss``: ``AuxiliaryNextBehaviourLoss.forward`` vs ``forward_reference`` (per pair);
+* ``dien_aux_fused``: the same ``forward`` (sigmoid scorer: one autograd function, chunked, see
+  :mod:`~din_torchrec.ops.pair_loss`) vs ``forward_unfused`` (gathered pairs through ``score_pairs``);
 * ``dsin_extractor``: ``SessionInterestExtractor`` over all sessions of the batch at once vs a loop over
   sessions;
 * ``dsin_sessions``: ``session_boundaries`` (vectorised) vs ``session_boundaries_reference`` (per-user loop;
@@ -420,7 +422,9 @@ def dien_augru_case(batch: int, history: int, hidden: int, lengths_mode: str, se
     )
 
 
-def dien_aux_case(batch: int, history: int, hidden: int, dim: int, lengths_mode: str, seed: int) -> Case:
+def dien_aux_case(
+    batch: int, history: int, hidden: int, dim: int, lengths_mode: str, seed: int, against: str = "loop"
+) -> Case:
     from din_torchrec.modules.interest_evolution import AuxiliaryNextBehaviourLoss
 
     g = _gen(seed)
@@ -431,6 +435,17 @@ def dien_aux_case(batch: int, history: int, hidden: int, dim: int, lengths_mode:
     states = torch.randn(n, hidden, generator=g).requires_grad_()
     beh = torch.randn(n, dim, generator=g).requires_grad_()
     neg = torch.randn(n, dim, generator=g).requires_grad_()
+    if against == "unfused":
+        return Case(
+            "dien_aux_fused",
+            lambda: aux(states, beh, neg, lengths),
+            lambda: aux.forward_unfused(states, beh, neg, lengths),
+            [states, beh, neg],
+            [aux],
+            batch,
+            n,
+            reference_name="forward_unfused (gathered pairs, score_pairs)",
+        )
     return Case(
         "dien_aux_loss",
         lambda: aux(states, beh, neg, lengths),
@@ -570,6 +585,7 @@ def build_cases(s: KernelSettings) -> list[Case]:
         ),
         "dien_augru": lambda: dien_augru_case(b, t, d, s.lengths, s.seed),
         "dien_aux_loss": lambda: dien_aux_case(lb, t, d, d, s.lengths, s.seed),
+        "dien_aux_fused": lambda: dien_aux_case(b, t, d, d, s.lengths, s.seed, "unfused"),
         "dsin_extractor": lambda: dsin_extractor_case(
             b, t, d, s.dsin_heads, s.dsin_max_sessions, s.dsin_max_session_length, s.lengths, s.seed
         ),

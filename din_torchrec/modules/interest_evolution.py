@@ -38,6 +38,7 @@ from din_torchrec.modules.attention import LocalActivationUnit, complete_offsets
 from din_torchrec.modules.mlp import MLP, row_bucketed
 from din_torchrec.modules.recurrence import packed_recurrence
 from din_torchrec.modules.rows import gather_rows, inverse_index
+from din_torchrec.ops.pair_loss import sigmoid_mlp_pair_loss
 
 EVOLUTION_KINDS = ("augru", "agru", "aigru")
 
@@ -522,6 +523,9 @@ class AuxiliaryNextBehaviourLoss(nn.Module):
             if scorer == "mlp"
             else None
         )
+        #: Whether :meth:`forward` may take the fused sigmoid-MLP path (:mod:`din_torchrec.ops.pair_loss`);
+        #: ``training.compile`` turns it off to compile :meth:`score_pairs` instead.
+        self.fused = self.mlp is not None and activation == "sigmoid"
 
     def score(self, states: torch.Tensor, behaviours: torch.Tensor) -> torch.Tensor:
         """Logits ``[M]`` of aligned rows ``states [M, H]``, ``behaviours [M, D]``."""
@@ -559,7 +563,18 @@ class AuxiliaryNextBehaviourLoss(nn.Module):
     def forward(
         self, states: torch.Tensor, behaviours: torch.Tensor, negatives: torch.Tensor, lengths: torch.Tensor
     ) -> torch.Tensor:
-        """Scalar loss.
+        """Scalar loss; the arguments as in :meth:`forward_unfused`, which this equals. With the paper's sigmoid
+        scorer it is one autograd function (:func:`~din_torchrec.ops.pair_loss.sigmoid_mlp_pair_loss`: no
+        row gathers, one buffer per layer; 1.2x a DIEN bf16 training step on the CPU)."""
+        if self.fused and states.shape[0] > 0 and not torch.compiler.is_compiling():
+            linears = [m for m in self.mlp.layers if isinstance(m, nn.Linear)]  # type: ignore[union-attr]
+            return sigmoid_mlp_pair_loss(states, behaviours, negatives, lengths, linears)
+        return self.forward_unfused(states, behaviours, negatives, lengths)
+
+    def forward_unfused(
+        self, states: torch.Tensor, behaviours: torch.Tensor, negatives: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """Scalar loss, from the gathered pairs' rows through :meth:`score_pairs` (any scorer).
 
         Args:
             states: ``[N, H]`` jagged interest states (:class:`InterestExtractor` output).

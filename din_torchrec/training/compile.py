@@ -39,6 +39,7 @@ def compile_hot_paths(model: nn.Module) -> list[str]:
             done.append(f"{name}.scores_jagged")
         elif isinstance(module, AuxiliaryNextBehaviourLoss):
             module.score_pairs = torch.compile(module.score_pairs, dynamic=True)  # type: ignore[method-assign]
+            module.fused = False  # the fused function would bypass the compiled score_pairs
             done.append(f"{name}.score_pairs")
         elif isinstance(module, MLP) and name.split(".")[-1] == "top":
             module.forward = torch.compile(module.forward, dynamic=True)  # type: ignore[method-assign]

@@ -1,0 +1,127 @@
+"""The fused auxiliary loss (din_torchrec.ops.pair_loss) against the gathered-pairs path it replaces
+(``AuxiliaryNextBehaviourLoss.forward_unfused``) and the per-pair reference: values and every gradient, on
+random jagged batches with empty and length-1 histories, with chunks small enough that pairs straddle chunk
+boundaries and the last chunk is padded."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+from din_torchrec.modules.interest_evolution import AuxiliaryNextBehaviourLoss
+from din_torchrec.ops.pair_loss import sigmoid_mlp_pair_loss
+
+
+def _inputs(lengths: list[int], h: int, d: int, seed: int, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(lengths)
+    return [torch.randn(n, w, generator=g, dtype=dtype, requires_grad=True) for w in (h, d, d)]
+
+
+def _loss_and_grads(fn, aux, xs, lengths, upstream: float = 1.0):
+    loss = fn(*xs, torch.tensor(lengths, dtype=torch.long))
+    grads = torch.autograd.grad(loss * upstream, xs + list(aux.parameters()))
+    return loss.detach(), grads
+
+
+def _linears(aux: AuxiliaryNextBehaviourLoss) -> list[torch.nn.Linear]:
+    return [m for m in aux.mlp.layers if isinstance(m, torch.nn.Linear)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 9), min_size=1, max_size=12).filter(lambda ls: sum(ls) > 0),
+    hidden=st.sampled_from([(7,), (10, 6), (5, 4, 3)]),
+    chunk=st.integers(1, 9),
+    upstream=st.floats(0.1, 5.0),
+    seed=st.integers(0, 10_000),
+)
+def test_fused_equals_unfused_and_per_pair_reference_float64(lengths, hidden, chunk, upstream, seed) -> None:
+    torch.manual_seed(seed)
+    aux = AuxiliaryNextBehaviourLoss(5, 3, hidden=hidden).double()
+    xs = _inputs(lengths, 5, 3, seed)
+    fused = _loss_and_grads(
+        lambda s, b, n, lens: sigmoid_mlp_pair_loss(s, b, n, lens, _linears(aux), chunk_rows=chunk),
+        aux,
+        xs,
+        lengths,
+        upstream,
+    )
+    unfused = _loss_and_grads(aux.forward_unfused, aux, xs, lengths, upstream)
+    torch.testing.assert_close(fused[0], unfused[0], rtol=1e-12, atol=1e-12)
+    for got, want in zip(fused[1], unfused[1]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    if sum(max(n - 1, 0) for n in lengths) > 0:
+        ref = aux.forward_reference(*xs, torch.tensor(lengths))
+        torch.testing.assert_close(fused[0], ref.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_forward_takes_the_fused_path_only_for_the_sigmoid_mlp_scorer() -> None:
+    assert AuxiliaryNextBehaviourLoss(4, 4).fused
+    assert not AuxiliaryNextBehaviourLoss(4, 4, activation="relu").fused
+    assert not AuxiliaryNextBehaviourLoss(4, 4, scorer="dot").fused
+    # With the flag off, forward is the unfused path: same value, different graph (no fused node).
+    aux = AuxiliaryNextBehaviourLoss(4, 4, hidden=[6]).double()
+    lengths = [3, 1, 4]
+    xs = _inputs(lengths, 4, 4, 1)
+    fused = aux(*xs, torch.tensor(lengths))
+    aux.fused = False
+    unfused = aux(*xs, torch.tensor(lengths))
+    assert type(fused.grad_fn).__name__ == "_SigmoidMLPPairLossBackward"
+    assert type(unfused.grad_fn).__name__ != "_SigmoidMLPPairLossBackward"
+    torch.testing.assert_close(fused, unfused)
+
+
+@pytest.mark.parametrize("lengths", [[1, 1, 0, 1], [1]])
+def test_fused_without_pairs_is_zero_with_zero_gradients(lengths: list[int]) -> None:
+    aux = AuxiliaryNextBehaviourLoss(4, 3, hidden=[5]).double()
+    xs = _inputs(lengths, 4, 3, 2)
+    loss, grads = _loss_and_grads(aux.forward, aux, xs, lengths)
+    assert float(loss) == 0.0
+    assert all(float(g.abs().max()) == 0.0 for g in grads)
+
+
+def test_fused_under_bf16_autocast_matches_unfused_over_many_chunks() -> None:
+    """DIEN's sizes (H = D = 32, [100, 50]), 3 chunks of 2048 target rows with the last one padded: the fused
+    function rounds where the unfused bf16 path rounds (one bf16 rounding per matmul output), so both stay
+    within bf16 distance of the float32 result, and of each other."""
+    torch.manual_seed(0)
+    lengths = [0, 1] + [50] * 100 + [7] * 140
+    aux = AuxiliaryNextBehaviourLoss(32, 32, hidden=(100, 50))
+    xs = _inputs(lengths, 32, 32, 3, dtype=torch.float32)
+    exact = _loss_and_grads(aux.forward_unfused, aux, xs, lengths)
+    results = {}
+    for name, fn in (("fused", aux.forward), ("unfused", aux.forward_unfused)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[name] = _loss_and_grads(fn, aux, xs, lengths)
+    assert results["fused"][0].dtype == torch.float32
+    for name, (loss, grads) in results.items():
+        torch.testing.assert_close(loss.float(), exact[0], rtol=2e-2, atol=0, msg=name)
+        for got, want in zip(grads, exact[1]):
+            assert got.dtype == want.dtype
+            rel = float((got - want).norm() / want.norm())
+            assert rel < 0.03, (name, rel)
+
+
+def test_fused_forward_without_grad_gives_the_same_loss() -> None:
+    aux = AuxiliaryNextBehaviourLoss(4, 4, hidden=[6]).double()
+    lengths = [5, 0, 2, 9]
+    xs = _inputs(lengths, 4, 4, 4)
+    with torch.no_grad():
+        quiet = aux(*xs, torch.tensor(lengths))
+    torch.testing.assert_close(quiet, aux.forward_unfused(*xs, torch.tensor(lengths)).detach())
+
+
+def test_unused_rows_get_exactly_zero_gradient() -> None:
+    """The fused path scores each sample's first behaviour (no pair ends there) and masks it: the behaviour and
+    negative gradients of those rows, and the state gradient of each sample's last row, must be exactly 0."""
+    aux = AuxiliaryNextBehaviourLoss(4, 4, hidden=[6]).double()
+    lengths = [3, 1, 4]
+    xs = _inputs(lengths, 4, 4, 5)
+    _, (g_states, g_beh, g_neg, *_) = _loss_and_grads(aux.forward, aux, xs, lengths)
+    firsts, lasts = [0, 3, 4], [2, 3, 7]
+    assert float(g_beh[firsts].abs().max()) == 0.0 and float(g_neg[firsts].abs().max()) == 0.0
+    assert float(g_states[lasts].abs().max()) == 0.0
+    assert float(g_beh[[1, 2, 5, 6, 7]].abs().min()) > 0.0
