@@ -435,26 +435,20 @@ def dien_aux_case(
     states = torch.randn(n, hidden, generator=g).requires_grad_()
     beh = torch.randn(n, dim, generator=g).requires_grad_()
     neg = torch.randn(n, dim, generator=g).requires_grad_()
-    if against == "unfused":
-        return Case(
-            "dien_aux_fused",
-            lambda: aux(states, beh, neg, lengths),
-            lambda: aux.forward_unfused(states, beh, neg, lengths),
-            [states, beh, neg],
-            [aux],
-            batch,
-            n,
-            reference_name="forward_unfused (gathered pairs, score_pairs)",
-        )
+    name, reference, reference_name = (
+        ("dien_aux_fused", aux.forward_unfused, "forward_unfused (gathered pairs, score_pairs)")
+        if against == "unfused"
+        else ("dien_aux_loss", aux.forward_reference, "forward_reference (per pair)")
+    )
     return Case(
-        "dien_aux_loss",
+        name,
         lambda: aux(states, beh, neg, lengths),
-        lambda: aux.forward_reference(states, beh, neg, lengths),
+        lambda: reference(states, beh, neg, lengths),
         [states, beh, neg],
         [aux],
         batch,
         n,
-        reference_name="forward_reference (per pair)",
+        reference_name=reference_name,
     )
 
 

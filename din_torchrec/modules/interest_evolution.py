@@ -565,7 +565,8 @@ class AuxiliaryNextBehaviourLoss(nn.Module):
     ) -> torch.Tensor:
         """Scalar loss; the arguments as in :meth:`forward_unfused`, which this equals. With the paper's sigmoid
         scorer it is one autograd function (:func:`~din_torchrec.ops.pair_loss.sigmoid_mlp_pair_loss`: no
-        row gathers, one buffer per layer; 1.2x a DIEN bf16 training step on the CPU)."""
+        row gathers, forward and backward chunk by chunk in cache: DIEN training steps +3 % in bf16, +13 % in
+        float32 on the CPU)."""
         if self.fused and states.shape[0] > 0 and not torch.compiler.is_compiling():
             linears = [m for m in self.mlp.layers if isinstance(m, nn.Linear)]  # type: ignore[union-attr]
             return sigmoid_mlp_pair_loss(states, behaviours, negatives, lengths, linears)

@@ -125,3 +125,24 @@ def test_unused_rows_get_exactly_zero_gradient() -> None:
     assert float(g_beh[firsts].abs().max()) == 0.0 and float(g_neg[firsts].abs().max()) == 0.0
     assert float(g_states[lasts].abs().max()) == 0.0
     assert float(g_beh[[1, 2, 5, 6, 7]].abs().min()) > 0.0
+
+
+@pytest.mark.parametrize("chunk", [256, 512])
+def test_fused_with_rounded_chunks_equals_unfused(chunk: int) -> None:
+    """Chunk sizes rounded to multiples of 256 rows (N = 700: three chunks of 256 for chunk 256, two of 512
+    for 512, the last one padded with zero rows)."""
+    torch.manual_seed(3)
+    lengths = [0, 1] + [9] * 76 + [3, 1, 11]
+    assert sum(lengths) == 700
+    aux = AuxiliaryNextBehaviourLoss(6, 5, hidden=(8, 4)).double()
+    xs = _inputs(lengths, 6, 5, 6)
+    fused = _loss_and_grads(
+        lambda s, b, n, lens: sigmoid_mlp_pair_loss(s, b, n, lens, _linears(aux), chunk_rows=chunk),
+        aux,
+        xs,
+        lengths,
+    )
+    unfused = _loss_and_grads(aux.forward_unfused, aux, xs, lengths)
+    torch.testing.assert_close(fused[0], unfused[0], rtol=1e-12, atol=1e-12)
+    for got, want in zip(fused[1], unfused[1]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
