@@ -1,7 +1,8 @@
-// The project's native CPU kernels as one extension module (one build): see dice_kernel.h, jagged_kernel.h and
-// recurrence_kernel.h; loaded by din_torchrec/ops/native.py.
+// The project's native CPU kernels as one extension module (one build): see dice_kernel.h, jagged_kernel.h,
+// lau_kernel.h and recurrence_kernel.h; loaded by din_torchrec/ops/native.py.
 #include "dice_kernel.h"
 #include "jagged_kernel.h"
+#include "lau_kernel.h"
 #include "recurrence_kernel.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -9,6 +10,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dice_backward", &dice_backward, "Dice backward: grad_x, grad_alpha");
   m.def("product_features", &product_features, "jagged [b, b * c[seg]]");
   m.def("product_features_backward", &product_features_backward, "grad_b, grad_c");
+  m.def("lau_first_forward", &lau_first_forward, "first attention layer with per-sample weights M_s b + k_s");
+  m.def("lau_first_backward", &lau_first_backward, "its backward: db, dc, da_t, dp_t, dk");
   m.def("weighted_segment_sum", &weighted_segment_sum, "sum over each sample's rows of w b");
   m.def("weighted_segment_sum_backward", &weighted_segment_sum_backward, "grad_b, grad_w");
   m.def("recurrence_forward", &recurrence_forward, "packed gated recurrence: out, sig, cand, hh_n");

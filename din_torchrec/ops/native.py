@@ -24,7 +24,14 @@ import torch
 log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
-_SOURCES = ("native.cpp", "kernel_math.h", "dice_kernel.h", "jagged_kernel.h", "recurrence_kernel.h")
+_SOURCES = (
+    "native.cpp",
+    "kernel_math.h",
+    "dice_kernel.h",
+    "jagged_kernel.h",
+    "lau_kernel.h",
+    "recurrence_kernel.h",
+)
 _ENV = "DIN_TORCHREC_NATIVE_KERNELS"
 _FAILED = "failed"
 _lock = threading.Lock()

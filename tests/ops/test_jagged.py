@@ -124,3 +124,68 @@ def test_unsupported_inputs_take_the_reference() -> None:
     assert x.dtype == torch.float64 and x.grad_fn.name() == "CatBackward0"
     p = jagged.weighted_segment_sum(b.double(), w.double(), seg, 2)
     assert p.dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The first layer with per-sample weights (ops/lau_kernel.h)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _first_layer_inputs(lengths: list[int], d: int, h: int, seed: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    seg = segment_ids(torch.tensor(lengths))
+    n, bsz = seg.numel(), len(lengths)
+    shapes = [(n, d), (bsz, d), (h, d), (h, d), (bsz, h)]
+    return [torch.randn(*s, generator=g, dtype=dtype).requires_grad_() for s in shapes], seg
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 12), min_size=1, max_size=20).filter(lambda ls: sum(ls) > 0),
+    d=st.integers(1, 40),
+    h=st.integers(1, 90),
+    seed=st.integers(0, 2**16),
+)
+def test_first_layer_kernel_equals_the_float64_matmul(lengths, d, h, seed) -> None:
+    """Values and all five gradients against the [b, b * c] matmul in float64 (empty and length-1 histories,
+    odd widths)."""
+    inputs, seg = _first_layer_inputs(lengths, d, h, seed)
+    g = torch.randn(seg.numel(), h, generator=torch.Generator().manual_seed(seed + 1))
+    got = _value_and_grads(lambda: jagged.first_layer(*inputs[:2], seg, *inputs[2:]), inputs, g)
+    assert got[0].grad_fn is not None and type(got[0].grad_fn).__name__ == "_FirstLayerBackward"
+    wide = [t.detach().double().requires_grad_() for t in inputs]
+    want = _value_and_grads(lambda: jagged.first_layer_reference(*wide[:2], seg, *wide[2:]), wide, g.double())
+    scale = float(want[0].detach().abs().max()) + 1.0
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-5 * scale)
+    for a, e in zip(got[1], want[1]):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5 * (float(e.abs().max()) + 1.0))
+
+
+def test_first_layer_takes_the_matmul_for_unsorted_rows_bf16_and_float64() -> None:
+    inputs, seg = _first_layer_inputs([3, 0, 5, 1, 4], 8, 10, 2)
+    perm = torch.randperm(seg.numel(), generator=torch.Generator().manual_seed(0))
+    z = jagged.first_layer(inputs[0][perm], inputs[1], seg[perm], *inputs[2:])
+    assert type(z.grad_fn).__name__ != "_FirstLayerBackward"
+    torch.testing.assert_close(z, jagged.first_layer(*inputs[:2], seg, *inputs[2:])[perm])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not jagged.first_layer_native(inputs[0], inputs[1], inputs[4])
+    wide, seg = _first_layer_inputs([3, 0, 5], 8, 10, 3, torch.float64)
+    assert type(jagged.first_layer(*wide[:2], seg, *wide[2:]).grad_fn).__name__ != "_FirstLayerBackward"
+
+
+def test_first_layer_kernel_is_the_same_with_two_threads() -> None:
+    inputs, seg = _first_layer_inputs([7, 0, 1, 30] * 300, 16, 24, 4)
+    g = torch.randn(seg.numel(), 24)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _value_and_grads(lambda: jagged.first_layer(*inputs[:2], seg, *inputs[2:]), inputs, g)
+        torch.set_num_threads(2)
+        two = _value_and_grads(lambda: jagged.first_layer(*inputs[:2], seg, *inputs[2:]), inputs, g)
+    finally:
+        torch.set_num_threads(before)
+    # Rows are independent: the same values bit for bit. The weight gradients are two partial sums over
+    # 4,800 rows with two threads: equal up to float32 reassociation.
+    torch.testing.assert_close(one[0], two[0], rtol=0, atol=0)
+    for a, e in zip(one[1], two[1]):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * (float(e.abs().max()) + 1.0))
