@@ -14,6 +14,8 @@ Cases (the module each fast path lives in):
 * ``din_attention_softmax``: the same with softmax normalisation (segment softmax vs a masked softmax);
 * ``din_scores``: the unit's ``scores_jagged`` vs ``scores_reference`` (candidate rows repeated per
   behaviour);
+* ``din_first_layer``: the unit's first layer alone, :func:`~din_torchrec.ops.jagged.first_layer` (float32 on the
+  CPU: one weight matrix per sample, ``ops/lau_kernel.h``) vs one matmul on ``[b, b * c]``;
 * ``dice`` / ``dice_vs_aten``: Dice in training mode on ``[N, H]`` (the native CPU kernel where built) vs its
   formula term by term / vs ATen's batch-norm kernel + ``DiceGate`` (the path without the kernel);
 * ``dien_extractor``: :class:`~din_torchrec.modules.interest_evolution.InterestExtractor` (the single-node
@@ -298,6 +300,34 @@ def din_scores_case(
     )
 
 
+def din_first_layer_case(
+    batch: int, history: int, dim: int, hidden: int, lengths_mode: str, seed: int
+) -> Case:
+    """The attention unit's first layer alone: :func:`~din_torchrec.ops.jagged.first_layer` (float32 on the CPU:
+    the per-sample weight matrix kernel) vs ``first_layer_reference`` (one matmul on ``[b, b * c]``)."""
+    from din_torchrec.modules.attention import segment_ids
+    from din_torchrec.ops.jagged import first_layer, first_layer_reference
+
+    g = _gen(seed)
+    lengths = random_lengths(batch, history, lengths_mode, g)
+    n = int(lengths.sum())
+    seg = segment_ids(lengths)
+    beh = torch.randn(n, dim, generator=g).requires_grad_()
+    cand = torch.randn(batch, dim, generator=g).requires_grad_()
+    a, p = (torch.randn(hidden, dim, generator=g).div_(dim**0.5).requires_grad_() for _ in range(2))
+    k = torch.randn(batch, hidden, generator=g).requires_grad_()
+    return Case(
+        "din_first_layer",
+        lambda: first_layer(beh, cand, seg, a, p, k),
+        lambda: first_layer_reference(beh, cand, seg, a, p, k),
+        [beh, cand, a, p, k],
+        [],
+        batch,
+        n,
+        reference_name="first_layer_reference ([b, b*c] matmul)",
+    )
+
+
 def dien_extractor_case(
     batch: int, history: int, dim: int, hidden: int, lengths_mode: str, seed: int, reference: str = "padded"
 ) -> Case:
@@ -564,6 +594,7 @@ def build_cases(s: KernelSettings) -> list[Case]:
             b, t, d, s.hidden, s.activation, "softmax", s.lengths, s.seed
         ),
         "din_scores": lambda: din_scores_case(b, t, d, s.hidden, s.activation, s.lengths, s.seed),
+        "din_first_layer": lambda: din_first_layer_case(b, t, d, s.hidden[0], s.lengths, s.seed),
         "dice": lambda: dice_case(b, t, s.hidden[0], s.lengths, s.seed, "formula"),
         "dice_vs_aten": lambda: dice_case(b, t, s.hidden[0], s.lengths, s.seed, "aten"),
         "dien_extractor": lambda: dien_extractor_case(b, t, d, d, s.lengths, s.seed),
