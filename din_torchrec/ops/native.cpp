@@ -5,7 +5,18 @@
 #include "lau_kernel.h"
 #include "recurrence_kernel.h"
 
+#include <atomic>
+
+// How many threads an at::parallel_for over n items runs on (a test that the kernels really use torch's intra-op
+// threads: compiled without -fopenmp they silently ran on one).
+inline int64_t parallel_threads(int64_t n) {
+  std::atomic<int64_t> seen{0};
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) { seen.fetch_or(int64_t{1} << (at::get_thread_num() % 63)); });
+  return __builtin_popcountll(static_cast<unsigned long long>(seen.load()));
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("parallel_threads", &parallel_threads, "threads an at::parallel_for over n items runs on");
   m.def("dice_forward", &dice_forward, "Dice forward (training mode): out, mean, var, invstd, sigmoid");
   m.def("dice_backward", &dice_backward, "Dice backward: grad_x, grad_alpha");
   m.def("product_features", &product_features, "jagged [b, b * c[seg]]");

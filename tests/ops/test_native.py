@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
 from din_torchrec.modules.activations import Dice
@@ -109,3 +110,19 @@ def test_the_kernel_sources_are_package_data() -> None:
     patterns = pyproject["tool"]["setuptools"]["package-data"]["din_torchrec"]
     for name in native._SOURCES:
         assert any(Path("ops", name).match(p) for p in patterns), name
+
+
+def test_the_kernels_run_on_torchs_intra_op_threads() -> None:
+    """The extension is built with OpenMP, so at::parallel_for inside the kernels uses torch.set_num_threads'
+    threads (built without it, every kernel ran on one thread whatever the setting)."""
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip("the native kernels did not build")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert kernels.parallel_threads(64) == 1
+        torch.set_num_threads(2)
+        assert kernels.parallel_threads(64) == 2
+    finally:
+        torch.set_num_threads(before)
