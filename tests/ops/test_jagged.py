@@ -151,8 +151,7 @@ def test_first_layer_kernel_equals_the_float64_matmul(lengths, d, h, seed) -> No
     odd widths)."""
     inputs, seg = _first_layer_inputs(lengths, d, h, seed)
     g = torch.randn(seg.numel(), h, generator=torch.Generator().manual_seed(seed + 1))
-    got = _value_and_grads(lambda: jagged.first_layer(*inputs[:2], seg, *inputs[2:]), inputs, g)
-    assert got[0].grad_fn is not None and type(got[0].grad_fn).__name__ == "_FirstLayerBackward"
+    got = _value_and_grads(lambda: jagged._FirstLayer.apply(*inputs[:2], seg, *inputs[2:]), inputs, g)
     wide = [t.detach().double().requires_grad_() for t in inputs]
     want = _value_and_grads(lambda: jagged.first_layer_reference(*wide[:2], seg, *wide[2:]), wide, g.double())
     scale = float(want[0].detach().abs().max()) + 1.0
@@ -161,15 +160,22 @@ def test_first_layer_kernel_equals_the_float64_matmul(lengths, d, h, seed) -> No
         torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5 * (float(e.abs().max()) + 1.0))
 
 
+def test_first_layer_takes_the_kernel_only_with_enough_rows_per_sample() -> None:
+    many, seg = _first_layer_inputs([9, 0, 12, 7], 8, 10, 1)  # 28 rows, 4 samples: 7 per sample
+    assert type(jagged.first_layer(*many[:2], seg, *many[2:]).grad_fn).__name__ == "_FirstLayerBackward"
+    few, seg = _first_layer_inputs([3, 0, 5, 1, 4], 8, 10, 2)  # 2.6 per sample: the matmul
+    assert type(jagged.first_layer(*few[:2], seg, *few[2:]).grad_fn).__name__ != "_FirstLayerBackward"
+
+
 def test_first_layer_takes_the_matmul_for_unsorted_rows_bf16_and_float64() -> None:
-    inputs, seg = _first_layer_inputs([3, 0, 5, 1, 4], 8, 10, 2)
+    inputs, seg = _first_layer_inputs([13, 0, 15, 1, 14], 8, 10, 2)
     perm = torch.randperm(seg.numel(), generator=torch.Generator().manual_seed(0))
     z = jagged.first_layer(inputs[0][perm], inputs[1], seg[perm], *inputs[2:])
     assert type(z.grad_fn).__name__ != "_FirstLayerBackward"
     torch.testing.assert_close(z, jagged.first_layer(*inputs[:2], seg, *inputs[2:])[perm])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not jagged.first_layer_native(inputs[0], inputs[1], inputs[4])
-    wide, seg = _first_layer_inputs([3, 0, 5], 8, 10, 3, torch.float64)
+    wide, seg = _first_layer_inputs([13, 0, 15], 8, 10, 3, torch.float64)
     assert type(jagged.first_layer(*wide[:2], seg, *wide[2:]).grad_fn).__name__ != "_FirstLayerBackward"
 
 
@@ -179,9 +185,9 @@ def test_first_layer_kernel_is_the_same_with_two_threads() -> None:
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _value_and_grads(lambda: jagged.first_layer(*inputs[:2], seg, *inputs[2:]), inputs, g)
+        one = _value_and_grads(lambda: jagged._FirstLayer.apply(*inputs[:2], seg, *inputs[2:]), inputs, g)
         torch.set_num_threads(2)
-        two = _value_and_grads(lambda: jagged.first_layer(*inputs[:2], seg, *inputs[2:]), inputs, g)
+        two = _value_and_grads(lambda: jagged._FirstLayer.apply(*inputs[:2], seg, *inputs[2:]), inputs, g)
     finally:
         torch.set_num_threads(before)
     # Rows are independent: the same values bit for bit. The weight gradients are two partial sums over
