@@ -334,7 +334,7 @@ class Trainer:
             t0 = time.perf_counter()
             built = native.kernels() is not None
             self._log(
-                f"native CPU kernels (Dice, recurrences): {'ready' if built else 'unavailable, PyTorch paths'} "
+                f"native CPU kernels (Dice, attention, recurrences): {'ready' if built else 'unavailable, PyTorch paths'} "
                 f"({time.perf_counter() - t0:.1f} s)"
             )
         self.model = shard_model(
