@@ -17,6 +17,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <cstring>
 #include <vector>
 
 namespace din_lau {
@@ -47,14 +48,33 @@ inline void build_transposed(const float* __restrict__ at_, const float* __restr
   }
 }
 
-// z[o] = k[o] + sum_d mt[d][o] b[d]
+// 16 floats as one value (GCC / Clang vector extension: one AVX-512 register, two AVX2 ones): an accumulator
+// that stays in a register across the loop over d. With the outputs accumulated in memory instead (z[o] +=
+// per d) the forward took 2.6 ms on [25.6k, 32] -> 80, with this 1.7 ms. (The same register tiling of the
+// backward's sums was slower than the loops below: 6.9-7.2 vs 3.9 ms.)
+typedef float v16 __attribute__((vector_size(64)));
+
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// z[o] = k[o] + sum_d mt[d][o] b[d]: tiles of 16 outputs, each accumulated in a register over d.
 inline void row_forward(const float* __restrict__ mt, const float* __restrict__ b, const float* __restrict__ k,
                         float* __restrict__ z, int64_t d_, int64_t h) {
-  for (int64_t o = 0; o < h; ++o) z[o] = k[o];
-  for (int64_t d = 0; d < d_; ++d) {
-    const float bd = b[d];
-    const float* __restrict__ m = mt + d * h;
-    for (int64_t o = 0; o < h; ++o) z[o] += m[o] * bd;
+  int64_t o0 = 0;
+  for (; o0 + 16 <= h; o0 += 16) {
+    v16 acc = load16(k + o0);
+    for (int64_t d = 0; d < d_; ++d) acc += load16(mt + d * h + o0) * b[d];
+    store16(z + o0, acc);
+  }
+  for (int64_t o = o0; o < h; ++o) {
+    float acc = k[o];
+    for (int64_t d = 0; d < d_; ++d) acc += mt[d * h + o] * b[d];
+    z[o] = acc;
   }
 }
 
