@@ -101,6 +101,19 @@ inline void check(const at::Tensor& t, const char* name, int64_t dim) {
               "lau kernels: ", name, " must be a contiguous float32 ", dim, "-D CPU tensor");
 }
 
+// The operands both directions share: b [N, D], c [B, D], seg [N] int64, a_t / p_t [D, H].
+inline void check_operands(const at::Tensor& b, const at::Tensor& c, const at::Tensor& seg, const at::Tensor& at_,
+                           const at::Tensor& pt) {
+  check(b, "b", 2);
+  check(c, "c", 2);
+  check(at_, "a_t", 2);
+  check(pt, "p_t", 2);
+  TORCH_CHECK(seg.scalar_type() == at::kLong && seg.is_contiguous() && seg.numel() == b.size(0),
+              "lau kernels: seg must be int64 [N]");
+  TORCH_CHECK(c.size(1) == b.size(1) && at_.size(0) == b.size(1) && pt.sizes() == at_.sizes(),
+              "lau kernels: shapes b [N, D], c [B, D], a_t / p_t [D, H] disagree");
+}
+
 }  // namespace din_lau
 
 // b [N, D], c [B, D], seg [N] int64 non-decreasing, at / pt [D, H] (A and P transposed), k [B, H] -> z [N, H];
@@ -108,17 +121,10 @@ inline void check(const at::Tensor& t, const char* name, int64_t dim) {
 inline at::Tensor lau_first_forward(at::Tensor b, at::Tensor c, at::Tensor seg, at::Tensor at_, at::Tensor pt,
                                     at::Tensor k) {
   using namespace din_lau;
-  check(b, "b", 2);
-  check(c, "c", 2);
-  check(at_, "a_t", 2);
-  check(pt, "p_t", 2);
+  check_operands(b, c, seg, at_, pt);
   check(k, "k", 2);
-  TORCH_CHECK(seg.scalar_type() == at::kLong && seg.is_contiguous() && seg.numel() == b.size(0),
-              "lau kernels: seg must be int64 [N]");
   const int64_t n = b.size(0), d_ = b.size(1), h = at_.size(1);
-  TORCH_CHECK(c.size(1) == d_ && at_.size(0) == d_ && pt.size(0) == d_ && pt.size(1) == h && k.size(1) == h &&
-                  k.size(0) == c.size(0),
-              "lau kernels: shapes b [N, D], c [B, D], a_t / p_t [D, H], k [B, H] disagree");
+  TORCH_CHECK(k.size(0) == c.size(0) && k.size(1) == h, "lau kernels: k must be [B, H]");
   const int64_t* sp = seg.data_ptr<int64_t>();
   const std::vector<int64_t> starts = runs_of(sp, n);
   if (starts.empty()) return at::Tensor();
@@ -142,11 +148,8 @@ inline at::Tensor lau_first_forward(at::Tensor b, at::Tensor c, at::Tensor seg, 
 inline std::vector<at::Tensor> lau_first_backward(at::Tensor g, at::Tensor b, at::Tensor c, at::Tensor seg,
                                                   at::Tensor at_, at::Tensor pt) {
   using namespace din_lau;
+  check_operands(b, c, seg, at_, pt);
   check(g, "grad", 2);
-  check(b, "b", 2);
-  check(c, "c", 2);
-  check(at_, "a_t", 2);
-  check(pt, "p_t", 2);
   const int64_t n = b.size(0), d_ = b.size(1), h = at_.size(1), rows_b = c.size(0);
   TORCH_CHECK(g.size(0) == n && g.size(1) == h, "lau kernels: grad must be [N, H]");
   const int64_t* sp = seg.data_ptr<int64_t>();
