@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from din_torchrec.modules.activations import apply_reference, make_activation
-from din_torchrec.modules.mlp import MLP, row_bucketed
-from din_torchrec.ops.jagged import first_layer, first_layer_native, product_features, weighted_segment_sum
+from din_torchrec.modules.mlp import MLP
+from din_torchrec.ops.jagged import first_layer, weighted_segment_sum
 
 
 def segment_ids(lengths: torch.Tensor) -> torch.Tensor:
@@ -110,18 +110,9 @@ class LocalActivationUnit(nn.Module):
         w_b, w_c, w_d, w_p = self.first.weight.split(self.embedding_dim, dim=1)
         # Candidate side once per sample: (W_c - W_d) c + bias, [B, H].
         cand_part = torch.addmm(self.first.bias, candidates, (w_c - w_d).t())
-        if first_layer_native(behaviours, candidates, cand_part):
-            # float32 on the CPU: (W_b + W_d + W_p diag(c_s)) b + cand_part[s], a per-sample weight matrix in
-            # one native kernel, half the multiply-adds of the matmul below (ops/lau_kernel.h).
-            h = first_layer(behaviours, candidates, segments, w_b + w_d, w_p, cand_part)
-        else:
-            # Behaviour side as one matmul: [b, b*c] @ [W_b + W_d; W_p]^T, [N, H], plus the candidate rows.
-            x = product_features(
-                behaviours, candidates, segments
-            )  # one native pass on the CPU (ops/jagged.py)
-            w_beh = torch.cat([w_b + w_d, w_p], dim=1).t()
-            # Rows padded to a bucket under bf16 on the CPU: a bounded set of matmul shapes (mlp.ROW_BUCKET).
-            h = row_bucketed(lambda v, c: torch.addmm(c, v, w_beh), x, cand_part.index_select(0, segments))
+        # Behaviour side [b, b*c] @ [W_b + W_d; W_p]^T plus the candidate rows: one matmul, or in float32 on
+        # the CPU a per-sample weight matrix W_b + W_d + W_p diag(c_s) in one native kernel (ops/jagged.py).
+        h = first_layer(behaviours, candidates, segments, w_b + w_d, w_p, cand_part)
         return self.rest(self.first_activation(h)).squeeze(-1)
 
 

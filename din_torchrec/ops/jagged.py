@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from din_torchrec.modules.mlp import row_bucketed
 from din_torchrec.ops import native
 
 
@@ -63,8 +64,12 @@ def first_layer_reference(
 ) -> torch.Tensor:
     """``z[n] = A b[n] + P (b[n] * c[seg[n]]) + k[seg[n]]`` as one matmul on ``[b, b * c[seg]]``.
 
-    ``b: [N, D]``, ``c: [B, D]``, ``seg: [N]``, ``a, p: [H, D]``, ``k: [B, H]`` -> ``[N, H]``."""
-    return torch.addmm(k.index_select(0, seg), product_features(b, c, seg), torch.cat([a, p], dim=1).t())
+    ``b: [N, D]``, ``c: [B, D]``, ``seg: [N]``, ``a, p: [H, D]``, ``k: [B, H]`` -> ``[N, H]``. Under bf16 on the
+    CPU the matmul's rows are padded to a bucket: a bounded set of matmul shapes (``mlp.ROW_BUCKET``)."""
+    w = torch.cat([a, p], dim=1).t()
+    return row_bucketed(
+        lambda v, rows: torch.addmm(rows, v, w), product_features(b, c, seg), k.index_select(0, seg)
+    )
 
 
 class _FirstLayer(torch.autograd.Function):
