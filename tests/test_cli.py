@@ -97,9 +97,10 @@ def test_two_process_training_under_torchrun(tmp_path: Path, small_dataset: Path
             "--config",
             str(cfg_path),
         ],
-        env_extra={"OMP_NUM_THREADS": "1"},
+        # A rank that aborts prints every thread's Python stack (faulthandler), so a failure shows where.
+        env_extra={"OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"},
     )
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.returncode == 0, f"stdout:\n{r.stdout[-2000:]}\nstderr:\n{r.stderr[-4000:]}"
     metrics = json.loads((tmp_path / "run2" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["steps"] == 20
@@ -138,3 +139,44 @@ def test_bad_data_file_is_a_clear_error(tmp_path: Path) -> None:
     assert r.returncode == 2, r.stderr[-2000:]
     assert "part-0.parquet" in r.stderr and "target_item_id': missing column" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_rank_of_multi_process_job_exits_without_finalization(tmp_path: Path, world_size: str) -> None:
+    """``run()``: a rank of a multi-process job (WORLD_SIZE > 1) leaves through ``os._exit`` -- no atexit
+    handlers, no interpreter teardown for gloo's or Arrow's threads to trip over -- yet with ``main``'s exit
+    status and all of its (block-buffered, piped) output; a single process exits normally."""
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('FINALIZED'))\n"
+        "from din_torchrec.cli import run\n"
+        "sys.argv = ['din-torchrec', *sys.argv[1:]]\n"
+        "run()\n"
+    )
+    out = tmp_path / "data"
+    ok = _run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "generate",
+            "--quiet",
+            "--out",
+            str(out),
+            "--set",
+            "data.generator.train_samples=300",
+            "--set",
+            "data.generator.test_samples=100",
+        ],
+        env_extra={"WORLD_SIZE": world_size, "PYTHONUNBUFFERED": ""},
+    )
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert json.loads(ok.stdout.replace("FINALIZED", ""))["rows"] == {"train": 300, "test": 100}
+    assert ("FINALIZED" in ok.stdout) == (world_size == "1")
+
+    bad = _run(
+        [sys.executable, "-c", code, "train", "--config", str(tmp_path / "missing.yaml")],
+        env_extra={"WORLD_SIZE": world_size, "PYTHONUNBUFFERED": ""},
+    )
+    assert bad.returncode == 2, bad.stderr
+    assert "missing.yaml" in bad.stderr
