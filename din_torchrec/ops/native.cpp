@@ -1,9 +1,10 @@
 // The project's native CPU kernels as one extension module (one build): see dice_kernel.h, jagged_kernel.h,
-// lau_kernel.h and recurrence_kernel.h; loaded by din_torchrec/ops/native.py.
+// lau_kernel.h, recurrence_kernel.h and tbe_backward_kernel.h; loaded by din_torchrec/ops/native.py.
 #include "dice_kernel.h"
 #include "jagged_kernel.h"
 #include "lau_kernel.h"
 #include "recurrence_kernel.h"
+#include "tbe_backward_kernel.h"
 
 #include <atomic>
 
@@ -27,4 +28,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("weighted_segment_sum_backward", &weighted_segment_sum_backward, "grad_b, grad_w");
   m.def("recurrence_forward", &recurrence_forward, "packed gated recurrence: out, sig, cand, hh_n");
   m.def("recurrence_backward", &recurrence_backward, "packed gated recurrence backward: dx, datt, dweight, dbias");
+  m.def("nobag_rowwise_adagrad_backward", &nobag_rowwise_adagrad_backward,
+        "FBGEMM's CPU nobag TBE backward with row-wise Adagrad, in place on the weights and momentum");
 }

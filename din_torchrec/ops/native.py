@@ -31,6 +31,7 @@ _SOURCES = (
     "jagged_kernel.h",
     "lau_kernel.h",
     "recurrence_kernel.h",
+    "tbe_backward_kernel.h",
 )
 # -fopenmp: ATen's at::parallel_for is a header template whose OpenMP backend is a `#pragma omp parallel`;
 # compiled without it, every kernel ran on one thread whatever torch.set_num_threads said (measured: the DIN
@@ -46,6 +47,10 @@ def set_enabled(enabled: bool) -> None:
     """Use the kernels (when they build) or not; the environment variable ``DIN_TORCHREC_NATIVE_KERNELS=0``
     wins."""
     _state["enabled"] = enabled and os.environ.get(_ENV, "1") != "0"
+    if not _state["enabled"]:
+        from din_torchrec.ops import tbe_backward  # imports this module: imported here, not at the top
+
+        tbe_backward.uninstall()
 
 
 def _build_tag() -> str:
