@@ -31,7 +31,10 @@ Cases (the module each fast path lives in):
 * ``dsin_extractor``: ``SessionInterestExtractor`` over all sessions of the batch at once vs a loop over
   sessions;
 * ``dsin_sessions``: ``session_boundaries`` (vectorised) vs ``session_boundaries_reference`` (per-user loop;
-  forward only, integer ids).
+  forward only, integer ids);
+* ``seq_embedding_backward``: the sequence tables' fused backward + row-wise Adagrad update (FBGEMM's unpooled
+  table-batched embedding, as TorchRec's ``EmbeddingCollection`` trains) through the native kernel of
+  :mod:`~din_torchrec.ops.tbe_backward` vs FBGEMM's own CPU kernel.
 
 The per-sample / per-pair loops are slow by construction; their cases use a smaller batch (``loop_batch``).
 """
@@ -558,6 +561,74 @@ def dsin_sessions_case(batch: int, history: int, lengths_mode: str, seed: int) -
     )
 
 
+def seq_embedding_backward_case(batch: int, history: int, dim: int, lengths_mode: str, seed: int) -> Case:
+    """The sequence tables' training step as TorchRec's fused ``EmbeddingCollection`` runs it on the CPU: an
+    FBGEMM unpooled table-batched embedding with the row-wise Adagrad optimizer fused into its backward. Fast:
+    the backward through the native kernel (:mod:`~din_torchrec.ops.tbe_backward`); reference: FBGEMM's own
+    CPU kernel. Two tables shared by four features as in DIN / DIEN (history and candidate item, 1M rows;
+    history and candidate category, 1,000 rows), skewed ids (repeats, as in behaviour logs). Each call is
+    forward + backward + update on its own copy of the tables; the outputs compared are rows of the updated
+    item table."""
+    import copy
+
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        EmbeddingLocation,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    from din_torchrec.ops import tbe_backward
+
+    g = _gen(seed)
+    lengths = random_lengths(batch, history, lengths_mode, g)
+    n = int(lengths.sum())
+    rows = [1_000_000, 1_000]
+    fast_tables = SplitTableBatchedEmbeddingBagsCodegen(
+        [(r, dim, EmbeddingLocation.HOST, ComputeDevice.CPU) for r in rows],
+        feature_table_map=[0, 0, 1, 1],
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        pooling_mode=PoolingMode.NONE,
+        learning_rate=0.05,
+        eps=1e-8,
+    )
+    ref_tables = copy.deepcopy(fast_tables)
+    ones = torch.ones(batch, dtype=torch.long)
+    per_bag = torch.cat([lengths, ones, lengths, ones])
+
+    def ids(r: int, k: int) -> torch.Tensor:
+        return (torch.rand(k, generator=g) ** 4 * r).long()
+
+    indices = torch.cat([ids(rows[0], n), ids(rows[0], batch), ids(rows[1], n), ids(rows[1], batch)])
+    offsets = torch.zeros(per_bag.numel() + 1, dtype=torch.long)
+    offsets[1:] = per_bag.cumsum(0)
+    grad = torch.randn(indices.numel(), dim, generator=g)
+    probe = indices[: min(1024, n + batch)]  # item-table rows (table 0 starts at row 0)
+
+    def step(tables: SplitTableBatchedEmbeddingBagsCodegen, native_kernel: bool) -> torch.Tensor:
+        was = tbe_backward.installed()
+        (tbe_backward.install if native_kernel else tbe_backward.uninstall)()
+        try:
+            with torch.enable_grad():
+                tables(indices, offsets).backward(grad)
+        finally:
+            (tbe_backward.install if was else tbe_backward.uninstall)()
+        return tables.weights_host.view(-1, dim).index_select(0, probe)
+
+    return Case(
+        "seq_embedding_backward",
+        lambda: step(fast_tables, True),
+        lambda: step(ref_tables, False),
+        [],
+        [],
+        batch,
+        int(indices.numel()),
+        backward=False,
+        reference_name="FBGEMM's split_embedding_nobag_backward_codegen_rowwise_adagrad_cpu",
+    )
+
+
 @dataclass
 class KernelSettings:
     history: int = 200
@@ -615,6 +686,7 @@ def build_cases(s: KernelSettings) -> list[Case]:
             b, t, d, s.dsin_heads, s.dsin_max_sessions, s.dsin_max_session_length, s.lengths, s.seed
         ),
         "dsin_sessions": lambda: dsin_sessions_case(b, t, s.lengths, s.seed),
+        "seq_embedding_backward": lambda: seq_embedding_backward_case(b, t, d, s.lengths, s.seed),
     }
     names = s.cases or list(builders)
     unknown = [n for n in names if n not in builders]
