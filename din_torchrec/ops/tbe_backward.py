@@ -29,11 +29,6 @@ _lock = threading.Lock()
 _state: dict[str, torch.library.Library | None] = {"lib": None}
 
 
-def reference(*args, **kwargs) -> None:  # noqa: ANN002, ANN003 -- the operator's own signature
-    """The operator as currently registered (FBGEMM's kernel unless :func:`install` ran)."""
-    getattr(torch.ops.fbgemm, OP)(*args, **kwargs)
-
-
 def _kernel(
     grad_output: torch.Tensor,
     host_weights: torch.Tensor,
