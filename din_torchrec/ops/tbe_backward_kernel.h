@@ -5,8 +5,10 @@
 // it replaces that kernel's CPU registration (ops/tbe_backward.py) because of how FBGEMM gathers the
 // gradients of each row: a std::unordered_map from index to an unordered_map from table to a heap-allocated
 // std::vector per distinct row -- 110-180 ns per lookup here, 12 ms of a 100 ms DIEN step on six sequence
-// features. Here the distinct rows get dense slots through one open-addressing hash table, their gradients
-// are summed into one float buffer, and the updates run over the slots in parallel.
+// features, all of it on one thread. Here the distinct rows get dense slots through an open-addressing hash
+// table and their gradients are summed into one float buffer; with several threads, each thread gathers one
+// hash partition of the rows (same per-row order, so the same result for any thread count); then the rows
+// are updated in parallel.
 //
 // Semantics kept from FBGEMM (embedding_backward_split_cpu_template.cpp, rowwise_adagrad's
 // split_weight_update_cpu):
@@ -32,21 +34,19 @@
 
 namespace din_tbe {
 
-// Open addressing with linear probing over a power-of-two table at most half full: key -> dense slot,
-// slots numbered in order of first appearance.
+// Open addressing with linear probing over a power-of-two table kept at most half full (it doubles when
+// needed): key -> dense slot, slots numbered in order of first appearance.
 class RowSlots {
  public:
-  explicit RowSlots(int64_t max_keys) {
+  explicit RowSlots(int64_t expected_keys) {
     int64_t cap = 16;
-    while (cap < 2 * max_keys) cap <<= 1;
-    mask_ = cap - 1;
-    keys_.assign(cap, -1);
-    slots_.resize(cap);
+    while (cap < 2 * expected_keys) cap <<= 1;
+    reset(cap);
   }
-  // Returns the slot of key (>= 0) and whether it was new.
-  int64_t find_or_insert(int64_t key, int64_t next, bool* fresh) {
-    uint64_t h = static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ull;
-    int64_t pos = static_cast<int64_t>(h >> 20) & mask_;
+  // Returns the slot of key (>= 0) and whether it was new (then its slot is `size()` before the call).
+  int64_t find_or_insert(int64_t key, bool* fresh) {
+    if (2 * (size_ + 1) > mask_ + 1) grow();
+    int64_t pos = home(key);
     while (true) {
       const int64_t k = keys_[pos];
       if (k == key) {
@@ -55,19 +55,57 @@ class RowSlots {
       }
       if (k == -1) {
         keys_[pos] = key;
-        slots_[pos] = next;
+        slots_[pos] = size_;
         *fresh = true;
-        return next;
+        return size_++;
       }
       pos = (pos + 1) & mask_;
     }
   }
 
  private:
-  int64_t mask_;
+  int64_t home(int64_t key) const {
+    return static_cast<int64_t>((static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ull) >> 20) & mask_;
+  }
+  void reset(int64_t cap) {
+    mask_ = cap - 1;
+    keys_.assign(cap, -1);
+    slots_.resize(cap);
+  }
+  void grow() {
+    std::vector<int64_t> keys = std::move(keys_), slots = std::move(slots_);
+    reset(2 * (mask_ + 1));
+    for (size_t i = 0; i < keys.size(); ++i) {
+      if (keys[i] == -1) continue;
+      int64_t pos = home(keys[i]);
+      while (keys_[pos] != -1) pos = (pos + 1) & mask_;
+      keys_[pos] = keys[i];
+      slots_[pos] = slots[i];
+    }
+  }
+  int64_t mask_ = 0, size_ = 0;
   std::vector<int64_t> keys_;
   std::vector<int64_t> slots_;
 };
+
+// The distinct rows of one partition of the row space and their summed gradients.
+struct RowGradients {
+  RowSlots slots;
+  std::vector<int64_t> begin;    // element offset of the row in host_weights
+  std::vector<int64_t> feature;  // last feature that looked it up
+  std::vector<int64_t> index;    // index within its table
+  std::vector<float> grad;       // [rows, D]
+  explicit RowGradients(int64_t expected_keys) : slots(expected_keys) {}
+};
+
+// Which of `parts` partitions a row belongs to (a hash independent of RowSlots' slot bits).
+inline int64_t partition_of(int64_t key, int64_t parts) {
+  const uint64_t h = (static_cast<uint64_t>(key) * 0xD6E8FEB86659FD93ull) >> 32;
+  return static_cast<int64_t>((h * static_cast<uint64_t>(parts)) >> 32);
+}
+
+// Partitions (one per thread) only above this many lookups: below it one pass is faster than spawning.
+constexpr int64_t kMinLookupsPerPartition = 16384;
 
 inline int64_t feature_rows(const int64_t* cumsum, int64_t t, int64_t T) {
   for (int64_t k = t + 1; k <= T; ++k) {
@@ -99,68 +137,75 @@ void nobag_rowwise_adagrad_impl(const at::Tensor& grad_output, at::Tensor& host_
                   static_cast<int64_t>(off_p[T * B]) * D <= grad_output.numel(),
               "nobag rowwise adagrad backward: offsets run past the indices or the gradient rows");
 
-  // Gather: one slot per distinct row, the gradient rows summed in FBGEMM's order.
-  RowSlots slots(std::max<int64_t>(lookups, 1));
-  std::vector<int64_t> row_begin;    // element offset of the row in host_weights
-  std::vector<int64_t> row_feature;  // last feature that looked it up
-  std::vector<int64_t> row_index;    // index within its table
-  row_begin.reserve(lookups);
-  row_feature.reserve(lookups);
-  row_index.reserve(lookups);
-  std::vector<float> buf;
-  buf.reserve(lookups * D);
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t rows = feature_rows(cumsum, t, T);
-    const int64_t table_begin = w_off[t];
-    const int64_t i0 = off_p[t * B], i1 = off_p[(t + 1) * B];
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t idx = static_cast<int64_t>(idx_p[i]);
-      TORCH_CHECK(idx >= 0 && idx < rows, "nobag rowwise adagrad backward: feature ", t, " looked up index ", idx,
-                  " (position ", i, "), outside its table of ", rows, " rows");
-      const int64_t begin = table_begin + idx * D;
-      bool fresh = false;
-      const int64_t s = slots.find_or_insert(begin, static_cast<int64_t>(row_begin.size()), &fresh);
-      if (fresh) {
-        row_begin.push_back(begin);
-        row_feature.push_back(t);
-        row_index.push_back(idx);
-        buf.insert(buf.end(), D, 0.0f);
-      } else {
-        row_feature[s] = t;
+  // Gather: one slot per distinct row, the gradient rows summed in FBGEMM's order. With several threads the
+  // rows are split into hash partitions, each gathered by one thread scanning all lookups in order and keeping
+  // its own rows: a row's sum runs over its lookups in the same order whatever the thread count, so the
+  // result does not depend on it. An out-of-range id stops every partition before any row is updated.
+  const int64_t parts =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), lookups / kMinLookupsPerPartition));
+  std::vector<RowGradients> gathered;
+  gathered.reserve(parts);
+  for (int64_t p = 0; p < parts; ++p) gathered.emplace_back(std::max<int64_t>(lookups / parts / 2, 16));
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      RowGradients& part = gathered[p];
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t rows = feature_rows(cumsum, t, T);
+        const int64_t table_begin = w_off[t];
+        const int64_t i0 = off_p[t * B], i1 = off_p[(t + 1) * B];
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t idx = static_cast<int64_t>(idx_p[i]);
+          TORCH_CHECK(idx >= 0 && idx < rows, "nobag rowwise adagrad backward: feature ", t, " looked up index ",
+                      idx, " (position ", i, "), outside its table of ", rows, " rows");
+          const int64_t begin = table_begin + idx * D;
+          if (parts > 1 && partition_of(begin, parts) != p) continue;
+          bool fresh = false;
+          const int64_t s = part.slots.find_or_insert(begin, &fresh);
+          if (fresh) {
+            part.begin.push_back(begin);
+            part.feature.push_back(t);
+            part.index.push_back(idx);
+            part.grad.insert(part.grad.end(), D, 0.0f);
+          } else {
+            part.feature[s] = t;
+          }
+          float* acc = part.grad.data() + s * D;
+          const grad_t* gr = g + i * D;
+          for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<float>(gr[d]);
+        }
       }
-      float* acc = buf.data() + s * D;
-      const grad_t* gr = g + i * D;
-      for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<float>(gr[d]);
-    }
-  }
-
-  // Update every distinct row (independent rows: parallel, deterministic).
-  const int64_t n_rows = static_cast<int64_t>(row_begin.size());
-  at::parallel_for(0, n_rows, 256, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* gb = buf.data() + r * D;
-      scalar_t* wr = w + row_begin[r];
-      float sum_sq = 0.0f;
-      for (int64_t d = 0; d < D; ++d) {
-        float gd = gb[d];
-        if (weight_decay_mode == 1) gd += weight_decay * static_cast<float>(wr[d]);
-        sum_sq += gd * gd;
-      }
-      const float avg_sq = sum_sq / D;
-      float& m = mom[m_off[row_feature[r]] + row_index[r]];
-      const float new_sum = m + avg_sq;
-      m = new_sum;
-      const float multiplier = learning_rate / (std::sqrt(new_sum) + eps);
-      float correction = 1.0f;
-      if (weight_decay_mode == 1) {
-        correction = 1.0 - multiplier * weight_decay;
-      } else if (weight_decay_mode == 2) {
-        correction = 1.0 - learning_rate * weight_decay;
-      }
-      for (int64_t d = 0; d < D; ++d)
-        wr[d] = static_cast<scalar_t>(correction * static_cast<float>(wr[d]) - gb[d] * multiplier);
     }
   });
+
+  // Update every distinct row (independent rows: parallel, deterministic).
+  for (const RowGradients& part : gathered) {
+    const int64_t n_rows = static_cast<int64_t>(part.begin.size());
+    at::parallel_for(0, n_rows, 256, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* gb = part.grad.data() + r * D;
+        scalar_t* wr = w + part.begin[r];
+        float sum_sq = 0.0f;
+        for (int64_t d = 0; d < D; ++d) {
+          float gd = gb[d];
+          if (weight_decay_mode == 1) gd += weight_decay * static_cast<float>(wr[d]);
+          sum_sq += gd * gd;
+        }
+        const float avg_sq = sum_sq / D;
+        float& m = mom[m_off[part.feature[r]] + part.index[r]];
+        const float new_sum = m + avg_sq;
+        m = new_sum;
+        const float multiplier = learning_rate / (std::sqrt(new_sum) + eps);
+        float correction = 1.0f;
+        if (weight_decay_mode == 1) {
+          correction = 1.0 - multiplier * weight_decay;
+        } else if (weight_decay_mode == 2) {
+          correction = 1.0 - learning_rate * weight_decay;
+        }
+        for (int64_t d = 0; d < D; ++d)
+          wr[d] = static_cast<scalar_t>(correction * static_cast<float>(wr[d]) - gb[d] * multiplier);
+      }
+    });
+  }
 }
 
 }  // namespace din_tbe

@@ -166,3 +166,39 @@ def test_out_of_range_id_names_the_feature() -> None:
         native.kernels().nobag_rowwise_adagrad_backward(*args.values(), 0.1, 1e-8, 0.0, 0)
     for a, c in zip(weights_before, _state(m)):
         torch.testing.assert_close(c, a)  # checked before any update
+
+
+@needs_kernel
+def test_result_does_not_depend_on_the_thread_count() -> None:
+    """Enough lookups for one hash partition per thread: 1, 2 and 3 threads give bit-identical weights and
+    momentum (each row's gradient is summed over its lookups in the same order)."""
+    m = _module([5000, 40], [0, 0, 1], 16, False, 1, 0)
+    ((ids, off),) = _batches([[40] * 3 * 1024], [5000, 40], [0, 0, 1], torch.int64, 0)
+    grad = torch.randn(int(off[-1]), 16, generator=torch.Generator().manual_seed(1))
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            w, mom = m.weights_host.detach().clone(), m.momentum1_host.detach().clone()
+            native.kernels().nobag_rowwise_adagrad_backward(
+                grad,
+                w,
+                m.weights_offsets,
+                16,
+                m.hash_size_cumsum,
+                ids,
+                off,
+                mom,
+                m.momentum1_offsets,
+                0.3,
+                1e-3,
+                0.05,
+                1,
+            )
+            results.append((w, mom))
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.equal(results[0][0], m.weights_host.detach())
+    for w, mom in results[1:]:
+        assert torch.equal(w, results[0][0]) and torch.equal(mom, results[0][1])
