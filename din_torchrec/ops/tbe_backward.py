@@ -4,11 +4,12 @@ TorchRec's fused ``EmbeddingCollection`` (the behaviour sequences: one embedding
 the CPU through FBGEMM's ``fbgemm::split_embedding_nobag_backward_codegen_rowwise_adagrad_cpu``. That kernel
 gathers each row's gradient through nested ``std::unordered_map``s with a heap-allocated vector per distinct
 row: 110-180 ns per lookup here, the largest single cost of a DIEN step (12 ms of 100, six sequence
-features) and 2.8 ms of a DIN step. :func:`install` registers ``tbe_backward_kernel.h`` -- the same inputs,
-arithmetic and in-place result, with one open-addressing table of slots and one gradient buffer -- as the
-operator's CPU kernel, so TorchRec's autograd path calls it unchanged; :func:`uninstall` puts FBGEMM's back
-(the dispatcher keeps the earlier kernel). Tests compare the two kernels on random batches (shared tables,
-int32 / int64 ids, float16 weights, both weight-decay modes) and whole training steps with and without it.
+features) and 2.8 ms of a DIN step, on one thread. :func:`install` registers ``tbe_backward_kernel.h`` -- the
+same inputs, arithmetic and in-place result, with open-addressing tables of slots and gradient buffers, one
+per thread for its hash partition of the rows -- as the operator's CPU kernel, so TorchRec's autograd path calls it unchanged; :func:`uninstall` puts FBGEMM's back
+(the dispatcher keeps the earlier kernel). Tests train whole FBGEMM modules with both kernels on random
+batches (shared tables, int32 / int64 ids, float16 weights, every weight-decay mode) and compare 1, 2 and 3
+threads.
 
 Installed by the trainer when the native kernels are on (``DIN_TORCHREC_NATIVE_KERNELS=0`` or
 ``training.native_kernels: false`` keep FBGEMM's); it changes nothing on GPUs (CUDA has its own kernels).
