@@ -6,8 +6,8 @@ gathers each row's gradient through nested ``std::unordered_map``s with a heap-a
 row: 110-180 ns per lookup here, the largest single cost of a DIEN step (12 ms of 100, six sequence
 features) and 2.8 ms of a DIN step, on one thread. :func:`install` registers ``tbe_backward_kernel.h`` -- the
 same inputs, arithmetic and in-place result, with open-addressing tables of slots and gradient buffers, one
-per thread for its hash partition of the rows -- as the operator's CPU kernel, so TorchRec's autograd path calls it unchanged; :func:`uninstall` puts FBGEMM's back
-(the dispatcher keeps the earlier kernel). Tests train whole FBGEMM modules with both kernels on random
+per thread for its hash partition of the rows -- as the operator's CPU kernel, so TorchRec's autograd path
+calls it unchanged; :func:`uninstall` puts FBGEMM's back (the dispatcher keeps the earlier kernel). Tests train whole FBGEMM modules with both kernels on random
 batches (shared tables, int32 / int64 ids, float16 weights, every weight-decay mode) and compare 1, 2 and 3
 threads.
 
