@@ -210,8 +210,9 @@ void nobag_rowwise_adagrad_impl(const at::Tensor& grad_output, at::Tensor& host_
 
 }  // namespace din_tbe
 
-// The operator's arguments, in its schema's order (the unused ones included, so that the Python registration
-// passes them through unchanged).
+// The operator's arguments that the CPU computation uses, in its schema's order; ops/tbe_backward.py drops the
+// rest (placements, total_hash_size_bits, stochastic_rounding, max_norm: unused on the CPU, as in FBGEMM) and
+// passes the learning rate as a number.
 inline void nobag_rowwise_adagrad_backward(at::Tensor grad_output, at::Tensor host_weights, at::Tensor weights_offsets,
                                            int64_t D, at::Tensor hash_size_cumsum, at::Tensor indices,
                                            at::Tensor offsets, at::Tensor momentum1_host, at::Tensor momentum1_offsets,
