@@ -256,26 +256,20 @@ def _quiet_third_party() -> None:
 def run() -> None:
     """Console entry point (``din-torchrec``, ``python -m din_torchrec.cli``): ``main()``, then exit.
 
-    A rank of a multi-process job (torchrun / TorchX set ``WORLD_SIZE`` > 1) that finished without an exception
-    leaves through ``os._exit`` once its output is flushed, skipping the interpreter's finalization. Gloo's
-    worker threads live on after ``destroy_process_group`` (ProcessGroupGloo has no shutdown that joins them,
-    pytorch/pytorch#130345) and may still drop the last reference to a collective's tensors; a thread that needs
-    the GIL while the interpreter is being torn down is ended with ``pthread_exit``, whose unwinding through
-    C++ destructors calls ``std::terminate`` -- the rank then dies with SIGABRT ("terminate called without an
-    active exception") after all its work was done, and torchrun reports the job failed (pytorch/pytorch#179291
-    describes the same race; Arrow's reader threads have it too, apache/arrow#39862). Rank 1 of the 2-process
-    CLI test died this way in two of about fifteen full-suite runs and never when run alone, so this is the
-    likely cause rather than a proven one; skipping finalization removes the window whichever thread it is.
-    Everything a command writes is closed (and renamed into place) before ``main`` returns, so nothing is
-    lost.
+    A process that made or joined a process group -- every rank of a torchrun / TorchX job (``WORLD_SIZE`` > 1),
+    and a one-process training run, whose DistributedModelParallel runs over a one-rank gloo group -- and
+    finished without an exception leaves through :func:`~din_torchrec.distributed.env.exit_process` once its
+    output is flushed, skipping the interpreter's finalization: a gloo worker thread releasing a finished
+    collective's tensors while the interpreter shuts down would otherwise abort the rank after all its work
+    was done ("terminate called without an active exception"; the reasoning is in ``exit_process``).
+    Everything a command writes is closed (and renamed into place) before ``main`` returns, so nothing is lost.
     """
+    from din_torchrec.distributed.env import exit_process, made_process_group
+
     peers = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
     rc = main()
-    if peers:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
+    if peers or made_process_group():
+        exit_process(rc)
     sys.exit(rc)
 
 

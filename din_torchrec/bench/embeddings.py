@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from din_torchrec.bench.memory_bandwidth import stream_copy
+from din_torchrec.distributed.env import exits_without_finalization
 
 FWD_KERNELS = ("nn_embeddingbag", "fbgemm_tbe", "torchrec_ebc", "torchrec_ec")
 TRAIN_KERNELS = ("nn_embeddingbag", "fbgemm_tbe", "torchrec_ebc")
@@ -466,6 +467,7 @@ def run_point(
 # ----------------------------------------------------------------------------------------------------------
 
 
+@exits_without_finalization
 def _multiprocess_worker(rank: int, world: int, init_file: str, out_file: str, payload: str) -> None:
     import torch.distributed as dist
 

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 from din_torchrec.config import ConfigError, dump_config, load_config
 from din_torchrec.distributed import plan_cli, sharding
+from din_torchrec.distributed.env import exits_without_finalization
 from din_torchrec.distributed.planning import (
     PlanDoesNotFit,
     PlanFileError,
@@ -291,6 +292,7 @@ def test_load_plan_rejects_unknown_keys_and_ranks(cpu_plan: Path, tmp_path: Path
 _original_shard_model = sharding.shard_model
 
 
+@exits_without_finalization
 def _saved_plan_worker(rank: int, store: str, plan_path: str) -> None:
     def shard_from_file(model, env, features, training, batch_size, plan=None):
         loaded = load_plan(plan_path, world_size=env.world_size, features=features)

@@ -18,7 +18,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from din_torchrec.config import ExperimentConfig, ProfileTableConfig, SequenceTableConfig, TableShardingConfig
 from din_torchrec.data.batch import slice_batch
 from din_torchrec.data.random_batch import random_batch
-from din_torchrec.distributed.env import DistEnv
+from din_torchrec.distributed.env import DistEnv, exits_without_finalization
 from din_torchrec.distributed.sharding import dense_optimizer, shard_model
 from din_torchrec.embeddings.tables import table_of_feature
 from din_torchrec.models import build_model
@@ -150,6 +150,12 @@ def _worker(rank: int, store: str, model_name: str, ec_sharding: str, ebc_shardi
         dist.destroy_process_group()
 
 
+@exits_without_finalization
+def _rank(rank: int, store: str, model_name: str, ec_sharding: str, ebc_sharding: str) -> None:
+    """A spawned rank: ``_worker``, then out without interpreter teardown (see ``exit_process``)."""
+    _worker(rank, store, model_name, ec_sharding, ebc_sharding)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "model_name,ec_sharding",
@@ -164,4 +170,4 @@ def _worker(rank: int, store: str, model_name: str, ec_sharding: str, ebc_shardi
 def test_two_gloo_ranks_equal_one_unsharded_process(tmp_path, model_name: str, ec_sharding: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     store = str(tmp_path / "store")
-    mp.spawn(_worker, args=(store, model_name, ec_sharding, "table_wise"), nprocs=WORLD, join=True)
+    mp.spawn(_rank, args=(store, model_name, ec_sharding, "table_wise"), nprocs=WORLD, join=True)

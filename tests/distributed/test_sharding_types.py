@@ -38,7 +38,7 @@ from torchrec.distributed.types import ShardingPlan
 
 from din_torchrec.config import ExperimentConfig
 from din_torchrec.distributed import sharding
-from din_torchrec.distributed.env import DistEnv
+from din_torchrec.distributed.env import DistEnv, exits_without_finalization
 from din_torchrec.distributed.planning import load_plan, plan_to_dict
 from din_torchrec.distributed.sharding import attach_sparse_optimizer, default_sharders, make_plan
 from din_torchrec.models import build_model
@@ -112,6 +112,7 @@ def explicit_plan(
     return ShardingPlan({"sequence_embeddings": seq, "profile_embeddings": prof})
 
 
+@exits_without_finalization
 def _plan_worker(
     rank: int, store: str, model_name: str, ec_sharding: str, ebc_sharding: str, plan_path: str, same_lr: bool
 ) -> None:
