@@ -21,6 +21,10 @@ Kernels (``mode`` ``fwd`` = forward only, ``train`` = forward + backward + SGD u
   (per-position rows, what the sequence models use) sharded by ``DistributedModelParallel`` with a forced
   sharding type (``train``: fused SGD attached with ``apply_optimizer_in_backward``). World size 1 runs in
   this process; world size 2 spawns two gloo processes (one thread each) that each look up a local batch.
+* ``torchrec_ebc_native`` / ``torchrec_ec_native``: the same collections with this project's TBE forward
+  kernels (:mod:`din_torchrec.ops.tbe`, what the trainer runs on the CPU) in place of FBGEMM's; world size 1,
+  when the native kernels build. Every other kernel runs with FBGEMM's (the registration is switched before
+  each kernel's timed block, outside the timing).
 
 Ids are uniform over the table (the worst case for caches: every lookup is a random row of DRAM). In each
 point the contenders are built side by side and timed in interleaved rounds (kernel A, kernel B, ..., STREAM
@@ -50,8 +54,16 @@ import torch
 from din_torchrec.bench.memory_bandwidth import stream_copy
 from din_torchrec.distributed.env import exits_without_finalization
 
-FWD_KERNELS = ("nn_embeddingbag", "fbgemm_tbe", "torchrec_ebc", "torchrec_ec")
-TRAIN_KERNELS = ("nn_embeddingbag", "fbgemm_tbe", "torchrec_ebc")
+FWD_KERNELS = (
+    "nn_embeddingbag",
+    "fbgemm_tbe",
+    "torchrec_ebc",
+    "torchrec_ebc_native",
+    "torchrec_ec",
+    "torchrec_ec_native",
+)
+TRAIN_KERNELS = ("nn_embeddingbag", "fbgemm_tbe", "torchrec_ebc", "torchrec_ebc_native")
+NATIVE_SUFFIX = "_native"  # the TorchRec collection with the project's TBE kernels (ops/tbe.py)
 INFERENCE_DTYPES = ("int8", "int4")
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")
 
@@ -313,7 +325,28 @@ def build_kernel(name: str, p: Point, inputs: Inputs, mode: str, sharding: str =
         return build_fbgemm_intn(p, inputs, mode)
     if name in ("torchrec_ebc", "torchrec_ec"):
         return build_torchrec(p, inputs, mode, pooled=name == "torchrec_ebc", sharding=sharding)
+    if name in ("torchrec_ebc_native", "torchrec_ec_native"):
+        k = build_torchrec(p, inputs, mode, pooled=name == "torchrec_ebc_native", sharding=sharding)
+        k.name = name
+        k.extra["native_tbe"] = True
+        return k
     raise ValueError(f"unknown kernel {name!r}")
+
+
+def native_tbe_available() -> bool:
+    from din_torchrec.ops import native
+
+    return native.kernels() is not None
+
+
+def use_tbe_kernels(k: Kernel) -> None:
+    """FBGEMM's operators run this project's kernels for a ``*_native`` kernel, FBGEMM's own otherwise."""
+    from din_torchrec.ops import tbe
+
+    if k.extra.get("native_tbe"):
+        assert tbe.install(), "the native kernels did not build"
+    else:
+        tbe.uninstall()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -362,14 +395,24 @@ def time_interleaved(
     stream: _Stream | None,
 ) -> tuple[list[list[float]], list[float]]:
     """Per kernel the seconds per call of every round, and the STREAM GB/s of every round."""
-    iters = [_calibrate(k.run, variants, target_s, max_iters) for k in kernels]
-    times: list[list[float]] = [[] for _ in kernels]
-    bandwidth: list[float] = []
-    for _ in range(rounds):
-        for j, k in enumerate(kernels):
-            times[j].append(_time_calls(k.run, iters[j], variants))
-        if stream is not None:
-            bandwidth.append(stream.gbs())
+    from din_torchrec.ops import tbe
+
+    was = tbe.installed()
+    try:
+        iters = []
+        for k in kernels:
+            use_tbe_kernels(k)
+            iters.append(_calibrate(k.run, variants, target_s, max_iters))
+        times: list[list[float]] = [[] for _ in kernels]
+        bandwidth: list[float] = []
+        for _ in range(rounds):
+            for j, k in enumerate(kernels):
+                use_tbe_kernels(k)
+                times[j].append(_time_calls(k.run, iters[j], variants))
+            if stream is not None:
+                bandwidth.append(stream.gbs())
+    finally:
+        (tbe.install if was else tbe.uninstall)()
     return times, bandwidth
 
 
@@ -406,9 +449,11 @@ def kernel_specs(p: Point) -> list[tuple[str, str, str]]:
     for mode in p.modes:
         names = FWD_KERNELS if mode == "fwd" else TRAIN_KERNELS
         for name in names:
+            if name.endswith(NATIVE_SUFFIX) and not native_tbe_available():
+                continue
             if name.startswith("torchrec"):
                 for sharding, world in p.shardings:
-                    if world != 1 or (name == "torchrec_ec" and sharding == "data_parallel"):
+                    if world != 1 or (name.startswith("torchrec_ec") and sharding == "data_parallel"):
                         continue
                     specs.append((name, mode, sharding))
             else:

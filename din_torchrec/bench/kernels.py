@@ -34,7 +34,7 @@ Cases (the module each fast path lives in):
   forward only, integer ids);
 * ``seq_embedding_backward``: the sequence tables' fused backward + row-wise Adagrad update (FBGEMM's unpooled
   table-batched embedding, as TorchRec's ``EmbeddingCollection`` trains) through the native kernel of
-  :mod:`~din_torchrec.ops.tbe_backward` vs FBGEMM's own CPU kernel.
+  :mod:`~din_torchrec.ops.tbe` vs FBGEMM's own CPU kernel.
 
 The per-sample / per-pair loops are slow by construction; their cases use a smaller batch (``loop_batch``).
 """
@@ -564,7 +564,7 @@ def dsin_sessions_case(batch: int, history: int, lengths_mode: str, seed: int) -
 def seq_embedding_backward_case(batch: int, history: int, dim: int, lengths_mode: str, seed: int) -> Case:
     """The sequence tables' training step as TorchRec's fused ``EmbeddingCollection`` runs it on the CPU: an
     FBGEMM unpooled table-batched embedding with the row-wise Adagrad optimizer fused into its backward. Fast:
-    the backward through the native kernel (:mod:`~din_torchrec.ops.tbe_backward`); reference: FBGEMM's own
+    the backward through the native kernel (:mod:`~din_torchrec.ops.tbe`); reference: FBGEMM's own
     CPU kernel. Two tables shared by four features as in DIN / DIEN (history and candidate item, 1M rows;
     history and candidate category, 1,000 rows), skewed ids (repeats, as in behaviour logs). Each call is
     forward + backward + update on its own copy of the tables; the outputs compared are rows of the updated
@@ -579,7 +579,7 @@ def seq_embedding_backward_case(batch: int, history: int, dim: int, lengths_mode
         SplitTableBatchedEmbeddingBagsCodegen,
     )
 
-    from din_torchrec.ops import tbe_backward
+    from din_torchrec.ops import tbe
 
     g = _gen(seed)
     lengths = random_lengths(batch, history, lengths_mode, g)
@@ -607,13 +607,13 @@ def seq_embedding_backward_case(batch: int, history: int, dim: int, lengths_mode
     probe = indices[: min(1024, n + batch)]  # item-table rows (table 0 starts at row 0)
 
     def step(tables: SplitTableBatchedEmbeddingBagsCodegen, native_kernel: bool) -> torch.Tensor:
-        was = tbe_backward.installed()
-        (tbe_backward.install if native_kernel else tbe_backward.uninstall)()
+        was = tbe.installed()
+        (tbe.install if native_kernel else tbe.uninstall)()
         try:
             with torch.enable_grad():
                 tables(indices, offsets).backward(grad)
         finally:
-            (tbe_backward.install if was else tbe_backward.uninstall)()
+            (tbe.install if was else tbe.uninstall)()
         return tables.weights_host.view(-1, dim).index_select(0, probe)
 
     return Case(

@@ -14,6 +14,8 @@
 // tensor otherwise and the caller runs the matmul path. Reference: din_torchrec.ops.jagged.first_layer_reference.
 #pragma once
 
+#include "kernel_math.h"
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -48,19 +50,9 @@ inline void build_transposed(const float* __restrict__ at_, const float* __restr
   }
 }
 
-// 16 floats as one value (GCC / Clang vector extension: one AVX-512 register, two AVX2 ones): an accumulator
-// that stays in a register across the loop over d. With the outputs accumulated in memory instead (z[o] +=
-// per d) the forward took 2.6 ms on [25.6k, 32] -> 80, with this 1.7 ms. (The same register tiling of the
-// backward's sums was slower than the loops below: 6.9-7.2 vs 3.9 ms.)
-typedef float v16 __attribute__((vector_size(64)));
-
-inline v16 load16(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+using din_ops::load16;
+using din_ops::store16;
+using din_ops::v16;
 
 // z[o] = k[o] + sum_d mt[d][o] b[d]: tiles of 16 outputs, each accumulated in a register over d.
 inline void row_forward(const float* __restrict__ mt, const float* __restrict__ b, const float* __restrict__ k,

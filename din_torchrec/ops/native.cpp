@@ -1,10 +1,11 @@
 // The project's native CPU kernels as one extension module (one build): see dice_kernel.h, jagged_kernel.h,
-// lau_kernel.h, recurrence_kernel.h and tbe_backward_kernel.h; loaded by din_torchrec/ops/native.py.
+// lau_kernel.h, recurrence_kernel.h, tbe_backward_kernel.h and tbe_forward_kernel.h; loaded by din_torchrec/ops/native.py.
 #include "dice_kernel.h"
 #include "jagged_kernel.h"
 #include "lau_kernel.h"
 #include "recurrence_kernel.h"
 #include "tbe_backward_kernel.h"
+#include "tbe_forward_kernel.h"
 
 #include <atomic>
 
@@ -30,4 +31,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("recurrence_backward", &recurrence_backward, "packed gated recurrence backward: dx, datt, dweight, dbias");
   m.def("nobag_rowwise_adagrad_backward", &nobag_rowwise_adagrad_backward,
         "FBGEMM's CPU nobag TBE backward with row-wise Adagrad, in place on the weights and momentum");
+  m.def("tbe_pooled_forward", &tbe_pooled_forward, "FBGEMM's CPU pooled TBE forward (sum / mean, per-lookup weights)");
+  m.def("tbe_nobag_forward", &tbe_nobag_forward, "FBGEMM's CPU unpooled TBE forward: one row per lookup");
 }

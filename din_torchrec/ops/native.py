@@ -1,5 +1,6 @@
-"""The native CPU kernels (``native.cpp``: ``dice_kernel.h``, ``jagged_kernel.h``, ``recurrence_kernel.h``) as
-one extension module, built on first use with the host's C++ compiler (``torch.utils.cpp_extension``).
+"""The native CPU kernels (``native.cpp``: ``dice_kernel.h``, ``jagged_kernel.h``, ``lau_kernel.h``,
+``recurrence_kernel.h``, ``tbe_backward_kernel.h``, ``tbe_forward_kernel.h``) as one extension module, built on
+first use with the host's C++ compiler (``torch.utils.cpp_extension``).
 
 The first build takes about 20-30 s and is cached under ``TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions``); the module name carries a hash of the sources, the torch version and the CPU's
@@ -32,6 +33,7 @@ _SOURCES = (
     "lau_kernel.h",
     "recurrence_kernel.h",
     "tbe_backward_kernel.h",
+    "tbe_forward_kernel.h",
 )
 # -fopenmp: ATen's at::parallel_for is a header template whose OpenMP backend is a `#pragma omp parallel`;
 # compiled without it, every kernel ran on one thread whatever torch.set_num_threads said (measured: the DIN
@@ -48,9 +50,9 @@ def set_enabled(enabled: bool) -> None:
     wins."""
     _state["enabled"] = enabled and os.environ.get(_ENV, "1") != "0"
     if not _state["enabled"]:
-        from din_torchrec.ops import tbe_backward  # imports this module: imported here, not at the top
+        from din_torchrec.ops import tbe  # imports this module: imported here, not at the top
 
-        tbe_backward.uninstall()
+        tbe.uninstall()
 
 
 def _build_tag() -> str:

@@ -38,7 +38,7 @@ from din_torchrec.distributed.sharding import (
 from din_torchrec.models import build_model
 from din_torchrec.models.output import ModelOutput
 from din_torchrec.modules.prefetch import Prefetcher
-from din_torchrec.ops import native, tbe_backward
+from din_torchrec.ops import native, tbe
 from din_torchrec.training.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from din_torchrec.training.losses import click_loss
 from din_torchrec.training.metrics import ctr_metrics
@@ -334,9 +334,9 @@ class Trainer:
             t0 = time.perf_counter()
             built = native.kernels() is not None
             if built:
-                tbe_backward.install()  # the sequence tables' backward + row-wise Adagrad, in place of FBGEMM's
+                tbe.install()  # the tables' forward lookups and the sequence tables' backward, in place of FBGEMM's
             self._log(
-                "native CPU kernels (Dice, attention, recurrences, sequence-embedding backward): "
+                "native CPU kernels (Dice, attention, recurrences, embedding lookups and sequence-table backward): "
                 f"{'ready' if built else 'unavailable, PyTorch paths'} ({time.perf_counter() - t0:.1f} s)"
             )
         self.model = shard_model(

@@ -75,7 +75,15 @@ def test_bench_embeddings_small(tmp_path: Path) -> None:
         ("torchrec_ebc", "fwd", 1),
         ("torchrec_ec", "fwd", 1),
         ("fbgemm_intn", "fwd", 1),
-    ]:
+    ] + (
+        [
+            ("torchrec_ebc_native", "fwd", 1),
+            ("torchrec_ebc_native", "train", 1),
+            ("torchrec_ec_native", "fwd", 1),
+        ]
+        if HAS_CXX
+        else []
+    ):
         assert k in kernels, f"missing {k}"
     assert {r["dtype"] for r in report["results"]} >= {"fp32", "fp16", "int8", "int4"}
     for r in report["results"]:
