@@ -32,6 +32,7 @@ _SOURCES = (
     "jagged_kernel.h",
     "lau_kernel.h",
     "recurrence_kernel.h",
+    "tbe_common.h",
     "tbe_backward_kernel.h",
     "tbe_forward_kernel.h",
 )

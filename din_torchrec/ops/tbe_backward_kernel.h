@@ -24,6 +24,8 @@
 //     makes it non-zero (features sharing a table carry its size once); an index outside it is an error.
 #pragma once
 
+#include "tbe_common.h"
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -107,15 +109,6 @@ inline int64_t partition_of(int64_t key, int64_t parts) {
 // Partitions (one per thread) only above this many lookups: below it one pass is faster than spawning.
 constexpr int64_t kMinLookupsPerPartition = 16384;
 
-inline int64_t feature_rows(const int64_t* cumsum, int64_t t, int64_t T) {
-  for (int64_t k = t + 1; k <= T; ++k) {
-    const int64_t rows = cumsum[k] - cumsum[t];
-    if (rows != 0) return rows;
-  }
-  TORCH_CHECK(false, "nobag rowwise adagrad backward: feature ", t, " has no rows in hash_size_cumsum");
-  return 0;
-}
-
 template <typename index_t, typename scalar_t, typename grad_t>
 void nobag_rowwise_adagrad_impl(const at::Tensor& grad_output, at::Tensor& host_weights,
                                 const at::Tensor& weights_offsets, int64_t D, const at::Tensor& hash_size_cumsum,
@@ -150,7 +143,7 @@ void nobag_rowwise_adagrad_impl(const at::Tensor& grad_output, at::Tensor& host_
     for (int64_t p = p0; p < p1; ++p) {
       RowGradients& part = gathered[p];
       for (int64_t t = 0; t < T; ++t) {
-        const int64_t rows = feature_rows(cumsum, t, T);
+        const int64_t rows = feature_rows(cumsum, t, T, "nobag rowwise adagrad backward");
         const int64_t table_begin = w_off[t];
         const int64_t i0 = off_p[t * B], i1 = off_p[(t + 1) * B];
         for (int64_t i = i0; i < i1; ++i) {

@@ -29,6 +29,7 @@
 #include <c10/util/Half.h>
 
 #include "kernel_math.h"
+#include "tbe_common.h"
 
 #include <immintrin.h>
 
@@ -53,16 +54,6 @@ inline void prefetch_bytes(const void* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
 }
 
-// The rows of feature t (see the header comment); `op` names the caller in the error.
-inline int64_t rows_of_feature(const int64_t* cumsum, int64_t t, int64_t T, const char* op) {
-  for (int64_t k = t + 1; k <= T; ++k) {
-    const int64_t rows = cumsum[k] - cumsum[t];
-    if (rows != 0) return rows;
-  }
-  TORCH_CHECK(false, op, ": feature ", t, " has no rows in hash_size_cumsum");
-  return 0;
-}
-
 struct FeatureTables {
   std::vector<int64_t> rows, begin;  // per feature: row count, first element of its table
 };
@@ -78,7 +69,7 @@ inline FeatureTables feature_tables(const at::Tensor& weights_offsets, const at:
   f.rows.resize(T);
   f.begin.resize(T);
   for (int64_t t = 0; t < T; ++t) {
-    f.rows[t] = rows_of_feature(hc.data_ptr<int64_t>(), t, T, op);
+    f.rows[t] = feature_rows(hc.data_ptr<int64_t>(), t, T, op);
     f.begin[t] = wo.data_ptr<int64_t>()[t];
   }
   return f;
