@@ -203,7 +203,7 @@ void nobag_rowwise_adagrad_impl(const at::Tensor& grad_output, at::Tensor& host_
 
 }  // namespace din_tbe
 
-// The operator's arguments that the CPU computation uses, in its schema's order; ops/tbe_backward.py drops the
+// The operator's arguments that the CPU computation uses, in its schema's order; ops/tbe.py drops the
 // rest (placements, total_hash_size_bits, stochastic_rounding, max_norm: unused on the CPU, as in FBGEMM) and
 // passes the learning rate as a number.
 inline void nobag_rowwise_adagrad_backward(at::Tensor grad_output, at::Tensor host_weights, at::Tensor weights_offsets,

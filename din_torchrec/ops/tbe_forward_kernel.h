@@ -84,6 +84,20 @@ inline void check_index(int64_t idx, int64_t rows, int64_t t, int64_t pos, const
 // return the position of the first bad one, or -1.
 inline bool outside(int64_t x, int64_t rows) { return static_cast<uint64_t>(x) >= static_cast<uint64_t>(rows); }
 
+// Bags per parallel chunk: enough for kMinLookupsPerChunk lookups at the batch's mean bag length.
+template <typename index_t>
+int64_t bag_grain(const index_t* off, int64_t T, int64_t B) {
+  const int64_t lookups = static_cast<int64_t>(off[T * B]) - static_cast<int64_t>(off[0]);
+  const int64_t avg = std::max<int64_t>(1, lookups / std::max<int64_t>(1, T * B));
+  return std::max<int64_t>(1, kMinLookupsPerChunk / avg);
+}
+
+template <typename index_t>
+void check_offsets(const index_t* off, int64_t T, int64_t B, int64_t num_indices, const char* op) {
+  TORCH_CHECK(off[0] >= 0 && off[T * B] >= off[0] && static_cast<int64_t>(off[T * B]) <= num_indices, op,
+              ": offsets run past the indices");
+}
+
 // 16 stored weights as 16 floats: float16 rows through F16C's conversion (c10::Half's portable conversion,
 // element by element, made float16 tables 6x slower than FBGEMM's kernel).
 inline din_ops::v16 load16w(const float* p) { return din_ops::load16(p); }
@@ -170,9 +184,7 @@ void pooled_forward_impl(const at::Tensor& weights, const FeatureTables& f, cons
                          const float* per_lookup, at::Tensor& out) {
   const weight_t* W = weights.data_ptr<weight_t>();
   out_t* Y = out.data_ptr<out_t>();
-  const int64_t lookups = static_cast<int64_t>(off[T * B]) - static_cast<int64_t>(off[0]);
-  const int64_t avg = std::max<int64_t>(1, lookups / std::max<int64_t>(1, T * B));
-  const int64_t grain = std::max<int64_t>(1, kMinLookupsPerChunk / avg);
+  const int64_t grain = bag_grain(off, T, B);
   const char* op = "TBE pooled forward";
   // Mean pooling of a weighted bag: FBGEMM divides the weighted sum by the bag's length when the output is
   // float32 (its fbgemm SpMDM path) and not otherwise (its loop path); kept as it is.
@@ -249,9 +261,7 @@ void nobag_forward_impl(const at::Tensor& weights, const FeatureTables& f, int64
                         const index_t* off, int64_t T, int64_t B, at::Tensor& out) {
   const weight_t* W = weights.data_ptr<weight_t>();
   out_t* Y = out.data_ptr<out_t>();
-  const int64_t lookups = static_cast<int64_t>(off[T * B]) - static_cast<int64_t>(off[0]);
-  const int64_t avg = std::max<int64_t>(1, lookups / std::max<int64_t>(1, T * B));
-  const int64_t grain = std::max<int64_t>(1, kMinLookupsPerChunk / avg);
+  const int64_t grain = bag_grain(off, T, B);
   bool stream = false;
 #ifdef __AVX512F__
   stream = std::is_same_v<weight_t, float> && std::is_same_v<out_t, float> && D % 16 == 0 &&
@@ -332,8 +342,7 @@ inline at::Tensor tbe_pooled_forward(at::Tensor weights, at::Tensor weights_offs
   AT_DISPATCH_INDEX_TYPES(ix.scalar_type(), "tbe_pooled_forward", [&] {
     const index_t* idx = ix.data_ptr<index_t>();
     const index_t* off = of.data_ptr<index_t>();
-    TORCH_CHECK(off[0] >= 0 && off[T * B] >= off[0] && static_cast<int64_t>(off[T * B]) <= ix.numel(), op,
-                ": offsets run past the indices");
+    din_tbe::check_offsets(off, T, B, ix.numel(), op);
     const float* per_lookup = pw.defined() ? pw.data_ptr<float>() : nullptr;
     DIN_TBE_DISPATCH_WEIGHT_AND_OUTPUT(weights.scalar_type(), out.scalar_type(), op,
                                        (din_tbe::pooled_forward_impl<W, O, index_t>(
@@ -361,8 +370,7 @@ inline at::Tensor tbe_nobag_forward(at::Tensor weights, at::Tensor weights_offse
   AT_DISPATCH_INDEX_TYPES(ix.scalar_type(), "tbe_nobag_forward", [&] {
     const index_t* idx = ix.data_ptr<index_t>();
     const index_t* off = of.data_ptr<index_t>();
-    TORCH_CHECK(off[0] >= 0 && off[T * B] >= off[0] && static_cast<int64_t>(off[T * B]) <= ix.numel(), op,
-                ": offsets run past the indices");
+    din_tbe::check_offsets(off, T, B, ix.numel(), op);
     DIN_TBE_DISPATCH_WEIGHT_AND_OUTPUT(weights.scalar_type(), out.scalar_type(), op,
                                        (din_tbe::nobag_forward_impl<W, O, index_t>(weights, f, D, idx, off, T, B, out)));
   });
