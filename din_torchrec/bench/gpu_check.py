@@ -84,7 +84,9 @@ CASES = [
     "dien_augru",
     "dien_evolution",
     "dien_aux_loss",
+    "dien_aux_fused",
     "dsin_extractor",
+    "dsin_sessions",
 ]
 
 
