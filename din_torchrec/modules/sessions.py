@@ -60,7 +60,8 @@ def session_boundaries(timestamps: torch.Tensor, lengths: torch.Tensor, gap_seco
 def session_boundaries_reference(
     timestamps: torch.Tensor, lengths: torch.Tensor, gap_seconds: int
 ) -> torch.Tensor:
-    """Plain per-user Python loop computing :func:`session_boundaries` (for tests)."""
+    """Plain per-user Python loop computing :func:`session_boundaries` (for tests); the result lies on the
+    timestamps' device, as the fast path's does."""
     ts = [int(t) for t in timestamps.tolist()]
     out: list[int] = []
     start = 0
@@ -71,7 +72,7 @@ def session_boundaries_reference(
                 session += 1
             out.append(session)
         start += n
-    return torch.tensor(out, dtype=torch.long)
+    return torch.tensor(out, dtype=torch.long, device=timestamps.device)
 
 
 def sessionize(
