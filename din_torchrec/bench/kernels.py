@@ -436,7 +436,7 @@ def dien_augru_case(batch: int, history: int, hidden: int, lengths_mode: str, se
     att = torch.rand(n, generator=g).requires_grad_()
 
     def fast() -> Outputs:
-        return packed_recurrence(cell.project_input(x) + cell.bias, att, cell.weight_hh, None, steps, "augru")
+        return packed_recurrence(cell.project_input(x), att, cell.weight_hh, None, steps, "augru", cell.bias)
 
     def loop() -> Outputs:
         # As InterestEvolution.forward_loop: `split`, not slicing, for the shrinking batch (a slice's backward

@@ -421,7 +421,9 @@ class InterestEvolution(nn.Module):
                 torch.addcmul(cell.bias, x, a.unsqueeze(1)), None, cell.weight_hh, None, layout.steps, "ugru"
             )
         else:
-            packed = packed_recurrence(x + cell.bias, a, cell.weight_hh, None, layout.steps, self.kind)
+            # The bias is added inside the recurrence: under bf16 autocast `x + bias` was a mixed-dtype pass
+            # writing a float32 copy of all N x 3H values (and its backward another pass).
+            packed = packed_recurrence(x, a, cell.weight_hh, None, layout.steps, self.kind, cell.bias)
         return final_states(packed, layout, lengths), att
 
     def forward_loop(

@@ -76,7 +76,7 @@ def _reset_and_keep(
 
 
 class PackedRecurrence(torch.autograd.Function):
-    """``states = PackedRecurrence.apply(x, att, weight_hh, bias_hh, steps, mode)``.
+    """``states = PackedRecurrence.apply(x, att, weight_hh, bias_hh, steps, mode[, input_bias])``.
 
     Args (of ``apply``):
         x: ``[N, G H]`` packed input pre-activations (``W x + b``), gate rows as in the module table.
@@ -85,6 +85,7 @@ class PackedRecurrence(torch.autograd.Function):
         bias_hh: ``[G H]`` (``gru`` only), else None.
         steps: active samples per step (``PackedLayout.steps``), non-increasing, summing to N.
         mode: one of :data:`MODES`.
+        input_bias: ``[G H]`` added to ``x`` (optional; its gradient is the column sum of ``x``'s).
 
     Returns:
         ``[N, H]`` packed states, row ``i`` the state after the step of row ``i`` (zero initial state).
@@ -99,7 +100,11 @@ class PackedRecurrence(torch.autograd.Function):
         bias_hh: torch.Tensor | None,
         steps: list[int],
         mode: str,
+        input_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        ctx.has_input_bias = input_bias is not None
+        if input_bias is not None:
+            x = x + input_bias
         n_rows, hidden = x.shape[0], weight_hh.shape[1]
         ns = _num_sigmoid_gates(mode)
         g = (ns + 1) * hidden
@@ -188,11 +193,13 @@ class PackedRecurrence(torch.autograd.Function):
         dhh = torch.cat([dx[:, : ns * hidden], dhh_n], dim=1)  # d loss / d(U h) of every row
         dweight = dhh[first:].t() @ out.index_select(0, h_prev_rows)  # step-0 rows start from zeros: no term
         dbias = dhh.sum(0) if ctx.has_bias else None
-        return dx, datt, dweight, dbias, None, None
+        return dx, datt, dweight, dbias, None, None, (dx.sum(0) if ctx.has_input_bias else None)
 
 
 class NativePackedRecurrence(torch.autograd.Function):
-    """:class:`PackedRecurrence` through the C++ kernel (same arguments and result; float32 CPU tensors)."""
+    """:class:`PackedRecurrence` through the C++ kernel (same arguments and result; CPU tensors, float32 but
+    for ``x``, which may also be bfloat16: the kernel widens it as it reads it and returns its gradient in
+    bfloat16, so mixed precision needs no float32 copy of ``x`` nor of its gradient)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -203,6 +210,7 @@ class NativePackedRecurrence(torch.autograd.Function):
         bias_hh: torch.Tensor | None,
         steps: list[int],
         mode: str,
+        input_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         mod = native.kernels()
         assert mod is not None
@@ -210,9 +218,16 @@ class NativePackedRecurrence(torch.autograd.Function):
         att_c = None if att is None else att.contiguous()
         w = weight_hh.contiguous()
         out, sig, cand, hh_n = mod.recurrence_forward(
-            x.contiguous(), att_c, w, None if bias_hh is None else bias_hh.contiguous(), list(steps), code
+            x.contiguous(),
+            att_c,
+            w,
+            None if bias_hh is None else bias_hh.contiguous(),
+            None if input_bias is None else input_bias.contiguous(),
+            list(steps),
+            code,
         )
         ctx.steps, ctx.code, ctx.has_bias = list(steps), code, bias_hh is not None
+        ctx.has_input_bias, ctx.bf16_x = input_bias is not None, x.dtype == torch.bfloat16
         ctx.save_for_backward(att_c, w, out, sig, cand, hh_n)
         return out
 
@@ -221,14 +236,34 @@ class NativePackedRecurrence(torch.autograd.Function):
         att, w, out, sig, cand, hh_n = ctx.saved_tensors
         mod = native.kernels()
         assert mod is not None
-        dx, datt, dweight, dbias = mod.recurrence_backward(
-            grad_out.contiguous(), att, w, out, sig, cand, hh_n, ctx.steps, ctx.code, ctx.has_bias
+        dx, datt, dweight, dbias, dinput_bias = mod.recurrence_backward(
+            grad_out.float().contiguous(),
+            att,
+            w,
+            out,
+            sig,
+            cand,
+            hh_n,
+            ctx.steps,
+            ctx.code,
+            ctx.has_bias,
+            ctx.has_input_bias,
+            ctx.bf16_x,
         )
-        return dx, (datt if att is not None else None), dweight, (dbias if ctx.has_bias else None), None, None
+        return (
+            dx,
+            (datt if att is not None else None),
+            dweight,
+            (dbias if ctx.has_bias else None),
+            None,
+            None,
+            (dinput_bias if ctx.has_input_bias else None),
+        )
 
 
 def _recurrence_function(x: torch.Tensor) -> type[torch.autograd.Function]:
-    return NativePackedRecurrence if native.usable(x) else PackedRecurrence
+    """The native kernel for float32 (and, see :func:`packed_recurrence`, bfloat16) CPU inputs."""
+    return NativePackedRecurrence if native.usable(x, (torch.float32, torch.bfloat16)) else PackedRecurrence
 
 
 def packed_recurrence(
@@ -238,8 +273,14 @@ def packed_recurrence(
     bias_hh: torch.Tensor | None,
     steps: list[int],
     mode: str,
+    input_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:class:`PackedRecurrence` with its arguments checked; ``[N, G H] -> [N, H]`` (see there)."""
+    """:class:`PackedRecurrence` with its arguments checked; ``[N, G H] -> [N, H]`` (see there).
+
+    ``input_bias [G H]`` is added to ``x`` inside the recurrence (no ``x + b`` pass over all N rows). Under
+    mixed precision the recurrence runs in float32 and returns float32 states; the native kernel reads a
+    bfloat16 ``x`` as it is (widening it row by row), everything else is cast to float32 first.
+    """
     if mode not in MODES:
         raise ValueError(f"packed_recurrence: mode must be one of {MODES}, got {mode!r}")
     hidden = weight_hh.shape[1]
@@ -248,6 +289,10 @@ def packed_recurrence(
         raise ValueError(
             f"packed_recurrence ({mode}): expected x [N, {gates}] and weight_hh [{gates}, {hidden}], "
             f"got {tuple(x.shape)} and {tuple(weight_hh.shape)}"
+        )
+    if input_bias is not None and input_bias.shape != (gates,):
+        raise ValueError(
+            f"packed_recurrence ({mode}): input_bias must be [{gates}], got {tuple(input_bias.shape)}"
         )
     if (att is None) != (mode not in ("augru", "agru")):
         raise ValueError(f"packed_recurrence ({mode}): att is {'required' if att is None else 'not used'}")
@@ -258,11 +303,13 @@ def packed_recurrence(
     if sum(steps) != x.shape[0]:
         raise ValueError(f"packed_recurrence: steps sum to {sum(steps)}, x has {x.shape[0]} rows")
     if x.shape[0] == 0:
-        return x.new_zeros(0, hidden) + 0 * weight_hh.sum()
+        out = x.new_zeros(0, hidden) + 0 * weight_hh.sum()
+        return out if input_bias is None else out + 0 * input_bias.sum()
     if x.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(x.device.type):
         # The recurrence accumulates over up to T steps: it runs in float32 under mixed precision (the
-        # buffers are allocated in x's dtype, so autocast must not change the dtype of the ops inside).
-        x = x.float()
+        # buffers are allocated in float32, so autocast must not change the dtype of the ops inside).
+        if not (x.dtype == torch.bfloat16 and _recurrence_function(x) is NativePackedRecurrence):
+            x = x.float()
         with torch.autocast(device_type=x.device.type, enabled=False):
             return _recurrence_function(x).apply(
                 x,
@@ -271,5 +318,6 @@ def packed_recurrence(
                 None if bias_hh is None else bias_hh.float(),
                 steps,
                 mode,
+                None if input_bias is None else input_bias.float(),
             )
-    return _recurrence_function(x).apply(x, att, weight_hh, bias_hh, steps, mode)
+    return _recurrence_function(x).apply(x, att, weight_hh, bias_hh, steps, mode, input_bias)

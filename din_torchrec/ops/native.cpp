@@ -28,7 +28,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("weighted_segment_sum", &weighted_segment_sum, "sum over each sample's rows of w b");
   m.def("weighted_segment_sum_backward", &weighted_segment_sum_backward, "grad_b, grad_w");
   m.def("recurrence_forward", &recurrence_forward, "packed gated recurrence: out, sig, cand, hh_n");
-  m.def("recurrence_backward", &recurrence_backward, "packed gated recurrence backward: dx, datt, dweight, dbias");
+  m.def("recurrence_backward", &recurrence_backward, "packed gated recurrence backward: dx, datt, dweight, dbias, dinput_bias");
   m.def("nobag_rowwise_adagrad_backward", &nobag_rowwise_adagrad_backward,
         "FBGEMM's CPU nobag TBE backward with row-wise Adagrad, in place on the weights and momentum");
   m.def("tbe_pooled_forward", &tbe_pooled_forward, "FBGEMM's CPU pooled TBE forward (sum / mean, per-lookup weights)");

@@ -6,10 +6,15 @@
 // step one fused loop and one matmul for the gradient reaching the previous state, the recurrent weight's
 // gradient as one matmul after the loop. In Python each step is ~10 ATen calls on [b_t, H] tensors of a few
 // KB (2-15 us each, dominated by dispatch); here each step is one BLAS call plus a loop that stays in L1.
-// float32 only (the Python wrapper runs recurrences in float32 under mixed precision).
+// The state, gates and every sum are float32. The projected input x may be float32 or bfloat16 (under bf16
+// autocast the input projection's matmul writes bfloat16): it is read and widened inside the step's loop, and
+// its gradient written back in bfloat16 there, instead of a float32 copy of all N x G values each way (DIEN's
+// two [N, 96] casts and the evolution's bias add cost ~6 ms of a 80 ms bf16 training step). An optional input
+// bias [G] is added in the same loop (and its gradient summed there).
 #pragma once
 
 #include <torch/extension.h>
+#include <c10/util/BFloat16.h>
 
 #include "kernel_math.h"
 
@@ -22,23 +27,26 @@ namespace din_recurrence {
 enum Mode : int64_t { kGru = 0, kAugru = 1, kUgru = 2, kAgru = 3 };
 
 using din_ops::sigmoid;
+using din_ops::to_float;
 
 inline float tanh_(float v) {
   // 2 sigmoid(2v) - 1, as the Python path computes it (vectorises through the same exp).
   return 2.0f * sigmoid(2.0f * v) - 1.0f;
 }
 
-// One step forward for b rows. x: [b, G] pre-activations, hh: [b, G] U h (+ b_hh) (hh_n its n columns),
-// hp: [b, H] previous states (nullptr at step 0), att: [b] or nullptr. Writes sig [b, ns H], cand [b, H],
-// hhn [b, H] (the n columns of hh, kept for the backward) and out [b, H].
-template <int64_t M>
-void step_forward(int64_t b, int64_t h, const float* __restrict__ x, const float* __restrict__ hh,
+// One step forward for b rows. x: [b, G] input pre-activations (float or bfloat16), bx: [G] the input bias
+// added to them, hh: [b, G] U h (+ b_hh) (hh_n its n columns), hp: [b, H] previous states (nullptr at step 0),
+// att: [b] or nullptr. Writes sig [b, ns H], cand [b, H], hhn [b, H] (the n columns of hh, kept for the
+// backward) and out [b, H].
+template <int64_t M, typename T>
+void step_forward(int64_t b, int64_t h, const T* __restrict__ x, const float* __restrict__ bx,
+                  const float* __restrict__ hh,
                   const float* __restrict__ hp, const float* __restrict__ att, float* __restrict__ sig,
                   float* __restrict__ cand, float* __restrict__ hhn, float* __restrict__ out) {
   constexpr int64_t ns = M == kAgru ? 1 : 2;
   const int64_t g = (ns + 1) * h;
   for (int64_t i = 0; i < b; ++i) {
-    const float* xi = x + i * g;
+    const T* xi = x + i * g;
     const float* hi = hh + i * g;
     float* si = sig + i * ns * h;
     float* ni = cand + i * h;
@@ -46,14 +54,14 @@ void step_forward(int64_t b, int64_t h, const float* __restrict__ x, const float
     float* oi = out + i * h;
     const float a = att ? att[i] : 0.0f;
     for (int64_t j = 0; j < h; ++j) {
-      const float s0 = sigmoid(xi[j] + hi[j]);
+      const float s0 = sigmoid(to_float(xi[j]) + bx[j] + hi[j]);
       float r, k;
       if constexpr (M == kAgru) {
         r = s0;
         k = 1.0f - a;
         si[j] = s0;
       } else {
-        const float s1 = sigmoid(xi[h + j] + hi[h + j]);
+        const float s1 = sigmoid(to_float(xi[h + j]) + bx[h + j] + hi[h + j]);
         si[j] = s0;
         si[h + j] = s1;
         if constexpr (M == kGru) {
@@ -65,7 +73,7 @@ void step_forward(int64_t b, int64_t h, const float* __restrict__ x, const float
         }
       }
       const float hnv = hi[ns * h + j];
-      const float n = tanh_(xi[ns * h + j] + r * hnv);
+      const float n = tanh_(to_float(xi[ns * h + j]) + bx[ns * h + j] + r * hnv);
       ni[j] = n;
       hn[j] = hnv;
       const float prev = hp ? hp[i * h + j] : 0.0f;
@@ -75,13 +83,14 @@ void step_forward(int64_t b, int64_t h, const float* __restrict__ x, const float
 }
 
 // One step backward for b rows: from dh [b, H] (complete: output gradient plus what later steps sent back)
-// the gradients of the gate pre-activations: dx [b, G], dhh [b, G] (of U h: equal to dx on the sigmoid
-// columns, r dx on the n columns), datt [b]; and adds dh k to dprev [b, H] (the k h term), when not null.
-template <int64_t M>
+// the gradients of the gate pre-activations: dx [b, G] (in x's type), dhh [b, G] (of U h: equal to dx on the
+// sigmoid columns, r dx on the n columns), datt [b]; adds dx's rows to dbx [G] (the input bias's gradient, in
+// float32) and dh k to dprev [b, H] (the k h term), when not null.
+template <int64_t M, typename T>
 void step_backward(int64_t b, int64_t h, const float* __restrict__ dh, const float* __restrict__ sig,
                    const float* __restrict__ cand, const float* __restrict__ hhn, const float* __restrict__ hp,
-                   const float* __restrict__ att, float* __restrict__ dx, float* __restrict__ dhh,
-                   float* __restrict__ datt, float* __restrict__ dprev) {
+                   const float* __restrict__ att, T* __restrict__ dx, float* __restrict__ dhh,
+                   float* __restrict__ dbx, float* __restrict__ datt, float* __restrict__ dprev) {
   constexpr int64_t ns = M == kAgru ? 1 : 2;
   const int64_t g = (ns + 1) * h;
   for (int64_t i = 0; i < b; ++i) {
@@ -89,7 +98,7 @@ void step_backward(int64_t b, int64_t h, const float* __restrict__ dh, const flo
     const float* si = sig + i * ns * h;
     const float* ni = cand + i * h;
     const float* hn = hhn + i * h;
-    float* dxi = dx + i * g;
+    T* dxi = dx + i * g;
     float* dhi = dhh + i * g;
     const float a = att ? att[i] : 0.0f;
     float da = 0.0f;
@@ -112,8 +121,9 @@ void step_backward(int64_t b, int64_t h, const float* __restrict__ dh, const flo
       const float prev = hp ? hp[i * h + j] : 0.0f;
       const float dk = d * (prev - n);
       const float dgn = d * (1.0f - k) * (1.0f - n * n);
-      dxi[ns * h + j] = dgn;
+      dxi[ns * h + j] = static_cast<T>(dgn);
       dhi[ns * h + j] = dgn * r;
+      dbx[ns * h + j] += dgn;
       const float dr = dgn * hn[j];
       float d0, d1 = 0.0f;
       if constexpr (M == kGru) {
@@ -131,12 +141,14 @@ void step_backward(int64_t b, int64_t h, const float* __restrict__ dh, const flo
         da -= dk;
       }
       const float g0 = d0 * s0 * (1.0f - s0);
-      dxi[j] = g0;
+      dxi[j] = static_cast<T>(g0);
       dhi[j] = g0;
+      dbx[j] += g0;
       if constexpr (M != kAgru) {
         const float g1 = d1 * s1 * (1.0f - s1);
-        dxi[h + j] = g1;
+        dxi[h + j] = static_cast<T>(g1);
         dhi[h + j] = g1;
+        dbx[h + j] += g1;
       }
       if (dprev) dprev[i * h + j] += d * k;
     }
@@ -149,18 +161,21 @@ inline void check_f32(const at::Tensor& t, const char* name) {
               name, " must be a contiguous float32 CPU tensor");
 }
 
-template <int64_t M>
+template <int64_t M, typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& x, const std::optional<at::Tensor>& att,
                                      const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_hh,
-                                     const std::vector<int64_t>& steps) {
+                                     const std::optional<at::Tensor>& input_bias, const std::vector<int64_t>& steps) {
   constexpr int64_t ns = M == kAgru ? 1 : 2;
   const int64_t n_rows = x.size(0), h = weight_hh.size(1), g = (ns + 1) * h;
-  at::Tensor out = at::empty({n_rows, h}, x.options());
-  at::Tensor sig = at::empty({n_rows, ns * h}, x.options());
-  at::Tensor cand = at::empty({n_rows, h}, x.options());
-  at::Tensor hh_n = at::empty({n_rows, h}, x.options());
+  const at::TensorOptions f32 = weight_hh.options();
+  at::Tensor out = at::empty({n_rows, h}, f32);
+  at::Tensor sig = at::empty({n_rows, ns * h}, f32);
+  at::Tensor cand = at::empty({n_rows, h}, f32);
+  at::Tensor hh_n = at::empty({n_rows, h}, f32);
   const int64_t b0 = steps.empty() ? 0 : steps[0];
-  at::Tensor hh = at::empty({b0, g}, x.options());
+  at::Tensor hh = at::empty({b0, g}, f32);
+  const at::Tensor bx = input_bias ? *input_bias : at::zeros({g}, f32);
+  const T* xp = x.data_ptr<T>();
   at::Tensor wt = weight_hh.t();
   const float* attp = att ? att->data_ptr<float>() : nullptr;
   int64_t start = 0, prev_start = 0;
@@ -177,7 +192,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const std::optional<at
       else at::mm_out(hh_b, prev, wt);
       hp = prev.data_ptr<float>();
     }
-    step_forward<M>(b, h, x.data_ptr<float>() + start * g, hh_b.data_ptr<float>(), hp,
+    step_forward<M, T>(b, h, xp + start * g, bx.data_ptr<float>(), hh_b.data_ptr<float>(), hp,
                     attp ? attp + start : nullptr, sig.data_ptr<float>() + start * ns * h,
                     cand.data_ptr<float>() + start * h, hh_n.data_ptr<float>() + start * h,
                     out.data_ptr<float>() + start * h);
@@ -187,15 +202,16 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const std::optional<at
   return {out, sig, cand, hh_n};
 }
 
-template <int64_t M>
+template <int64_t M, typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& att,
                                       const at::Tensor& weight_hh, const at::Tensor& out, const at::Tensor& sig,
                                       const at::Tensor& cand, const at::Tensor& hh_n,
-                                      const std::vector<int64_t>& steps, bool has_bias) {
+                                      const std::vector<int64_t>& steps, bool has_bias, bool has_input_bias) {
   constexpr int64_t ns = M == kAgru ? 1 : 2;
   const int64_t n_rows = out.size(0), h = out.size(1), g = (ns + 1) * h;
   at::Tensor dh_all = grad_out.clone(at::MemoryFormat::Contiguous);
-  at::Tensor dx = at::empty({n_rows, g}, out.options());
+  at::Tensor dx = at::empty({n_rows, g}, out.options().dtype(c10::CppTypeToScalarType<T>::value));
+  at::Tensor dbx = at::zeros({g}, out.options());
   at::Tensor dhh = at::empty({n_rows, g}, out.options());
   at::Tensor datt = att ? at::zeros({n_rows}, out.options()) : at::Tensor();
   const float* attp = att ? att->data_ptr<float>() : nullptr;
@@ -207,10 +223,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const std::opt
     const int64_t b = steps[t], start = starts[t];
     const float* hp = t > 0 ? outp + starts[t - 1] * h : nullptr;
     float* dprev = t > 0 ? dhp + starts[t - 1] * h : nullptr;
-    step_backward<M>(b, h, dhp + start * h, sig.data_ptr<float>() + start * ns * h,
-                     cand.data_ptr<float>() + start * h, hh_n.data_ptr<float>() + start * h, hp,
-                     attp ? attp + start : nullptr, dx.data_ptr<float>() + start * g,
-                     dhh.data_ptr<float>() + start * g, att ? datt.data_ptr<float>() + start : nullptr, dprev);
+    step_backward<M, T>(b, h, dhp + start * h, sig.data_ptr<float>() + start * ns * h,
+                        cand.data_ptr<float>() + start * h, hh_n.data_ptr<float>() + start * h, hp,
+                        attp ? attp + start : nullptr, dx.data_ptr<T>() + start * g, dhh.data_ptr<float>() + start * g,
+                        dbx.data_ptr<float>(), att ? datt.data_ptr<float>() + start : nullptr, dprev);
     if (t > 0) {
       at::Tensor prev = dh_all.narrow(0, starts[t - 1], b);
       prev.addmm_(dhh.narrow(0, start, b), weight_hh);  // through U h
@@ -230,40 +246,61 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const std::opt
     dweight = at::zeros({g, h}, out.options());
   }
   at::Tensor dbias = has_bias ? dhh.sum(0) : at::Tensor();
-  return {dx, datt, dweight, dbias};
+  return {dx, datt, dweight, dbias, has_input_bias ? dbx : at::Tensor()};
 }
 
 }  // namespace din_recurrence
 
 inline std::vector<at::Tensor> recurrence_forward(at::Tensor x, std::optional<at::Tensor> att, at::Tensor weight_hh,
-                                                  std::optional<at::Tensor> bias_hh, std::vector<int64_t> steps,
+                                                  std::optional<at::Tensor> bias_hh,
+                                                  std::optional<at::Tensor> input_bias, std::vector<int64_t> steps,
                                                   int64_t mode) {
   using namespace din_recurrence;
-  check_f32(x, "x");
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "packed recurrence: x must be a contiguous float32 or bfloat16 CPU tensor");
   check_f32(weight_hh, "weight_hh");
   if (att) check_f32(*att, "att");
   if (bias_hh) check_f32(*bias_hh, "bias_hh");
-  switch (mode) {
-    case kGru: return forward_impl<kGru>(x, att, weight_hh, bias_hh, steps);
-    case kAugru: return forward_impl<kAugru>(x, att, weight_hh, bias_hh, steps);
-    case kUgru: return forward_impl<kUgru>(x, att, weight_hh, bias_hh, steps);
-    case kAgru: return forward_impl<kAgru>(x, att, weight_hh, bias_hh, steps);
+  if (input_bias) {
+    check_f32(*input_bias, "input_bias");
+    TORCH_CHECK(input_bias->numel() == x.size(1), "packed recurrence: input_bias must have x's ", x.size(1),
+                " columns, got ", input_bias->numel());
   }
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+#define DIN_RECURRENCE_FORWARD(M)                                                               \
+  return bf16 ? forward_impl<M, c10::BFloat16>(x, att, weight_hh, bias_hh, input_bias, steps) \
+              : forward_impl<M, float>(x, att, weight_hh, bias_hh, input_bias, steps)
+  switch (mode) {
+    case kGru: DIN_RECURRENCE_FORWARD(kGru);
+    case kAugru: DIN_RECURRENCE_FORWARD(kAugru);
+    case kUgru: DIN_RECURRENCE_FORWARD(kUgru);
+    case kAgru: DIN_RECURRENCE_FORWARD(kAgru);
+  }
+#undef DIN_RECURRENCE_FORWARD
   TORCH_CHECK(false, "packed recurrence: unknown mode ", mode);
 }
 
 inline std::vector<at::Tensor> recurrence_backward(at::Tensor grad_out, std::optional<at::Tensor> att,
                                                    at::Tensor weight_hh, at::Tensor out, at::Tensor sig,
                                                    at::Tensor cand, at::Tensor hh_n, std::vector<int64_t> steps,
-                                                   int64_t mode, bool has_bias) {
+                                                   int64_t mode, bool has_bias, bool has_input_bias, bool bf16_dx) {
+  // dx comes back in x's type (bf16_dx: x was bfloat16); every other gradient in float32.
   using namespace din_recurrence;
   TORCH_CHECK(grad_out.sizes() == out.sizes(), "packed recurrence: grad_out must match the states");
+  check_f32(grad_out, "grad_out");
   for (const at::Tensor* t : {&out, &sig, &cand, &hh_n, &weight_hh}) check_f32(*t, "saved tensor");
+#define DIN_RECURRENCE_BACKWARD(M)                                                                          \
+  return bf16_dx ? backward_impl<M, c10::BFloat16>(grad_out, att, weight_hh, out, sig, cand, hh_n, steps,     \
+                                                   has_bias, has_input_bias)                                 \
+                 : backward_impl<M, float>(grad_out, att, weight_hh, out, sig, cand, hh_n, steps, has_bias, \
+                                           has_input_bias)
   switch (mode) {
-    case kGru: return backward_impl<kGru>(grad_out, att, weight_hh, out, sig, cand, hh_n, steps, has_bias);
-    case kAugru: return backward_impl<kAugru>(grad_out, att, weight_hh, out, sig, cand, hh_n, steps, has_bias);
-    case kUgru: return backward_impl<kUgru>(grad_out, att, weight_hh, out, sig, cand, hh_n, steps, has_bias);
-    case kAgru: return backward_impl<kAgru>(grad_out, att, weight_hh, out, sig, cand, hh_n, steps, has_bias);
+    case kGru: DIN_RECURRENCE_BACKWARD(kGru);
+    case kAugru: DIN_RECURRENCE_BACKWARD(kAugru);
+    case kUgru: DIN_RECURRENCE_BACKWARD(kUgru);
+    case kAgru: DIN_RECURRENCE_BACKWARD(kAgru);
   }
+#undef DIN_RECURRENCE_BACKWARD
   TORCH_CHECK(false, "packed recurrence: unknown mode ", mode);
 }

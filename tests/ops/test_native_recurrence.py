@@ -88,8 +88,9 @@ def test_native_recurrence_matches_the_pytorch_function_on_a_dien_sized_batch(mo
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * (1 + float(want.abs().max())))
 
 
-def test_packed_recurrence_takes_the_native_path_for_float32_cpu_tensors_only() -> None:
+def test_packed_recurrence_takes_the_native_path_for_float32_and_bfloat16_cpu_tensors_only() -> None:
     assert _recurrence_function(torch.randn(4, 6)) is NativePackedRecurrence
+    assert _recurrence_function(torch.randn(4, 6, dtype=torch.bfloat16)) is NativePackedRecurrence
     assert _recurrence_function(torch.randn(4, 6, dtype=torch.float64)) is PackedRecurrence
     # under bf16 autocast the inputs are cast to float32 first: native again
     steps = packed_layout(torch.tensor([3, 1])).steps
@@ -97,3 +98,75 @@ def test_packed_recurrence_takes_the_native_path_for_float32_cpu_tensors_only() 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = packed_recurrence(x, att, w, None, steps, "augru")
     assert out.dtype == torch.float32 and out.grad_fn.name().startswith("NativePackedRecurrence")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 9), min_size=1, max_size=12),
+    mode=st.sampled_from(MODES),
+    hidden=st.sampled_from([1, 3, 16, 32]),
+    seed=st.integers(0, 2**16),
+)
+def test_input_bias_inside_the_kernel_equals_adding_it_before(lengths, mode, hidden, seed) -> None:
+    """``input_bias`` added in the kernel's loop (and its gradient summed there) against ``x + b`` through
+    autograd, for the native kernel and the PyTorch function alike."""
+    torch.manual_seed(seed)
+    if sum(lengths) == 0:
+        lengths[0] = 1
+    steps = packed_layout(torch.tensor(lengths)).steps
+    x, att, w, b = _inputs(mode, sum(lengths), hidden, dtype=torch.float32)
+    w = (w.detach() / hidden**0.5).requires_grad_()
+    bias = torch.randn(x.shape[1], requires_grad=True)
+    g = torch.randn(sum(lengths), hidden)
+    inputs = tuple(t for t in (x, att, w, b, bias) if t is not None)
+
+    def split(args):
+        it = iter(args)
+        return next(it), (next(it) if att is not None else None), next(it), (next(it) if b is not None else None), next(it)
+
+    for fn in (NativePackedRecurrence, PackedRecurrence):
+        out, grads = _grads(lambda *a: fn.apply(*split(a)[:4], steps, mode, split(a)[4]), inputs, g)
+        ref, ref_grads = _grads(
+            lambda *a: fn.apply(split(a)[0] + split(a)[4], *split(a)[1:4], steps, mode), inputs, g
+        )
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * (1 + float(want.abs().max())))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bfloat16_input_is_widened_in_the_kernel_and_its_gradient_returned_in_bfloat16(mode: str) -> None:
+    """A bfloat16 ``x`` read by the kernel as it is, against the float32 kernel on the same values (``x``
+    rounded to bfloat16, then widened): the same states and float32 gradients (to float32 rounding: the two
+    instantiations' loops vectorise differently under -ffast-math); ``x``'s gradient comes back in bfloat16,
+    the float32 one rounded (to one bfloat16 step). Through :func:`packed_recurrence` under autocast too."""
+    torch.manual_seed(7)
+    lengths = torch.randint(0, 30, (64,))
+    lengths[:2] = torch.tensor([0, 1])
+    steps = packed_layout(lengths).steps
+    x, att, w, b = _inputs(mode, int(lengths.sum()), 16, dtype=torch.float32)
+    w = (w.detach() / 4).requires_grad_()
+    bias = torch.randn(x.shape[1], requires_grad=True)
+    x16 = x.detach().bfloat16().requires_grad_()
+    x32 = x16.detach().float().requires_grad_()
+    g = torch.randn(int(lengths.sum()), 16)
+    rest = tuple(t for t in (att, w, b, bias) if t is not None)
+
+    def call(xx, *r):
+        it = iter(r)
+        a = next(it) if att is not None else None
+        ww = next(it)
+        bb = next(it) if b is not None else None
+        return NativePackedRecurrence.apply(xx, a, ww, bb, steps, mode, next(it))
+
+    out16, grads16 = _grads(call, (x16, *rest), g)
+    out32, grads32 = _grads(call, (x32, *rest), g)
+    assert out16.dtype == torch.float32 and grads16[0].dtype == torch.bfloat16
+    torch.testing.assert_close(out16, out32, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads16[0].float(), grads32[0].bfloat16().float(), rtol=8e-3, atol=1e-6)
+    for got, want in zip(grads16[1:], grads32[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * (1 + float(want.abs().max())))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = packed_recurrence(x16, att, w, b, steps, mode, bias)
+    assert out.grad_fn.name().startswith("NativePackedRecurrence")
+    torch.testing.assert_close(out, out32, rtol=1e-5, atol=1e-6)
