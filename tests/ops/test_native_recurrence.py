@@ -125,9 +125,9 @@ def test_input_bias_inside_the_kernel_equals_adding_it_before(lengths, mode, hid
         return next(it), (next(it) if att is not None else None), next(it), (next(it) if b is not None else None), next(it)
 
     for fn in (NativePackedRecurrence, PackedRecurrence):
-        out, grads = _grads(lambda *a: fn.apply(*split(a)[:4], steps, mode, split(a)[4]), inputs, g)
+        out, grads = _grads(lambda *a, f=fn: f.apply(*split(a)[:4], steps, mode, split(a)[4]), inputs, g)
         ref, ref_grads = _grads(
-            lambda *a: fn.apply(split(a)[0] + split(a)[4], *split(a)[1:4], steps, mode), inputs, g
+            lambda *a, f=fn: f.apply(split(a)[0] + split(a)[4], *split(a)[1:4], steps, mode), inputs, g
         )
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
         for got, want in zip(grads, ref_grads):
