@@ -122,7 +122,13 @@ def test_input_bias_inside_the_kernel_equals_adding_it_before(lengths, mode, hid
 
     def split(args):
         it = iter(args)
-        return next(it), (next(it) if att is not None else None), next(it), (next(it) if b is not None else None), next(it)
+        return (
+            next(it),
+            (next(it) if att is not None else None),
+            next(it),
+            (next(it) if b is not None else None),
+            next(it),
+        )
 
     for fn in (NativePackedRecurrence, PackedRecurrence):
         out, grads = _grads(lambda *a, f=fn: f.apply(*split(a)[:4], steps, mode, split(a)[4]), inputs, g)
