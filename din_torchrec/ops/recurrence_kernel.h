@@ -35,9 +35,10 @@ inline float tanh_(float v) {
 }
 
 // One step forward for b rows. x: [b, G] input pre-activations (float or bfloat16), bx: [G] the input bias
-// added to them, hh: [b, G] U h (+ b_hh) (hh_n its n columns), hp: [b, H] previous states (nullptr at step 0),
-// att: [b] or nullptr. Writes sig [b, ns H], cand [b, H], hhn [b, H] (the n columns of hh, kept for the
-// backward) and out [b, H].
+// added to them, hh: [b, G] U h (+ b_hh) (hh_n its n columns), hp: [b, H] previous states (zeros at step 0),
+// att: [b] (read by the attentional modes only). Writes sig [b, ns H], cand [b, H], hhn [b, H] (the n columns
+// of hh, kept for the backward) and out [b, H]. No pointer is null and the inner loop has no branch: that is
+// what lets GCC vectorise it (a `hp ? hp[j] : 0` in the loop had kept the backward's loop scalar).
 template <int64_t M, typename T>
 void step_forward(int64_t b, int64_t h, const T* __restrict__ x, const float* __restrict__ bx,
                   const float* __restrict__ hh,
@@ -52,7 +53,7 @@ void step_forward(int64_t b, int64_t h, const T* __restrict__ x, const float* __
     float* ni = cand + i * h;
     float* hn = hhn + i * h;
     float* oi = out + i * h;
-    const float a = att ? att[i] : 0.0f;
+    const float a = (M == kAugru || M == kAgru) ? att[i] : 0.0f;
     for (int64_t j = 0; j < h; ++j) {
       const float s0 = sigmoid(to_float(xi[j]) + bx[j] + hi[j]);
       float r, k;
@@ -76,16 +77,16 @@ void step_forward(int64_t b, int64_t h, const T* __restrict__ x, const float* __
       const float n = tanh_(to_float(xi[ns * h + j]) + bx[ns * h + j] + r * hnv);
       ni[j] = n;
       hn[j] = hnv;
-      const float prev = hp ? hp[i * h + j] : 0.0f;
-      oi[j] = n + k * (prev - n);
+      oi[j] = n + k * (hp[i * h + j] - n);
     }
   }
 }
 
 // One step backward for b rows: from dh [b, H] (complete: output gradient plus what later steps sent back)
 // the gradients of the gate pre-activations: dx [b, G] (in x's type), dhh [b, G] (of U h: equal to dx on the
-// sigmoid columns, r dx on the n columns), datt [b]; adds dx's rows to dbx [G] (the input bias's gradient, in
-// float32) and dh k to dprev [b, H] (the k h term), when not null.
+// sigmoid columns, r dx on the n columns), datt [b] (attentional modes); adds dx's rows to dbx [G] (the input
+// bias's gradient, in float32) and dh k to dprev [b, H] (the k h term). hp: zeros at step 0, and dprev then a
+// scratch buffer: no null pointers, no branch in the inner loop (see step_forward).
 template <int64_t M, typename T>
 void step_backward(int64_t b, int64_t h, const float* __restrict__ dh, const float* __restrict__ sig,
                    const float* __restrict__ cand, const float* __restrict__ hhn, const float* __restrict__ hp,
@@ -100,7 +101,9 @@ void step_backward(int64_t b, int64_t h, const float* __restrict__ dh, const flo
     const float* hn = hhn + i * h;
     T* dxi = dx + i * g;
     float* dhi = dhh + i * g;
-    const float a = att ? att[i] : 0.0f;
+    const float* hpi = hp + i * h;
+    float* dpi = dprev + i * h;
+    const float a = (M == kAugru || M == kAgru) ? att[i] : 0.0f;
     float da = 0.0f;
     for (int64_t j = 0; j < h; ++j) {
       const float d = di[j];
@@ -118,8 +121,7 @@ void step_backward(int64_t b, int64_t h, const float* __restrict__ dh, const flo
         r = s1;
         k = M == kAugru ? 1.0f - a * s0 : 1.0f - s0;
       }
-      const float prev = hp ? hp[i * h + j] : 0.0f;
-      const float dk = d * (prev - n);
+      const float dk = d * (hpi[j] - n);
       const float dgn = d * (1.0f - k) * (1.0f - n * n);
       dxi[ns * h + j] = static_cast<T>(dgn);
       dhi[ns * h + j] = dgn * r;
@@ -150,9 +152,9 @@ void step_backward(int64_t b, int64_t h, const float* __restrict__ dh, const flo
         dhi[h + j] = g1;
         dbx[h + j] += g1;
       }
-      if (dprev) dprev[i * h + j] += d * k;
+      dpi[j] += d * k;
     }
-    if (datt) datt[i] = da;
+    if constexpr (M == kAugru || M == kAgru) datt[i] = da;
   }
 }
 
@@ -176,13 +178,14 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const std::optional<at
   at::Tensor hh = at::empty({b0, g}, f32);
   const at::Tensor bx = input_bias ? *input_bias : at::zeros({g}, f32);
   const T* xp = x.data_ptr<T>();
+  const at::Tensor zeros = at::zeros({b0 * h}, f32);  // the state before step 0
   at::Tensor wt = weight_hh.t();
   const float* attp = att ? att->data_ptr<float>() : nullptr;
   int64_t start = 0, prev_start = 0;
   for (size_t t = 0; t < steps.size(); ++t) {
     const int64_t b = steps[t];
     at::Tensor hh_b = hh.narrow(0, 0, b);
-    const float* hp = nullptr;
+    const float* hp = zeros.data_ptr<float>();
     if (t == 0) {
       if (bias_hh) hh_b.copy_(bias_hh->unsqueeze(0).expand({b, g}));
       else hh_b.zero_();
@@ -218,11 +221,15 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const std::opt
   std::vector<int64_t> starts(steps.size(), 0);
   for (size_t t = 1; t < steps.size(); ++t) starts[t] = starts[t - 1] + steps[t - 1];
   float* dhp = dh_all.data_ptr<float>();
+  // Step 0 starts from zeros and sends nothing back: its hp is zeros and its dprev a scratch buffer.
+  const int64_t b0 = steps.empty() ? 0 : steps[0];
+  at::Tensor zeros = at::zeros({b0 * h}, out.options());
+  at::Tensor scratch = at::empty({b0 * h}, out.options());
   const float* outp = out.data_ptr<float>();
   for (int64_t t = static_cast<int64_t>(steps.size()) - 1; t >= 0; --t) {
     const int64_t b = steps[t], start = starts[t];
-    const float* hp = t > 0 ? outp + starts[t - 1] * h : nullptr;
-    float* dprev = t > 0 ? dhp + starts[t - 1] * h : nullptr;
+    const float* hp = t > 0 ? outp + starts[t - 1] * h : zeros.data_ptr<float>();
+    float* dprev = t > 0 ? dhp + starts[t - 1] * h : scratch.data_ptr<float>();
     step_backward<M, T>(b, h, dhp + start * h, sig.data_ptr<float>() + start * ns * h,
                         cand.data_ptr<float>() + start * h, hh_n.data_ptr<float>() + start * h, hp,
                         attp ? attp + start : nullptr, dx.data_ptr<T>() + start * g, dhh.data_ptr<float>() + start * g,
@@ -262,6 +269,8 @@ inline std::vector<at::Tensor> recurrence_forward(at::Tensor x, std::optional<at
   check_f32(weight_hh, "weight_hh");
   if (att) check_f32(*att, "att");
   if (bias_hh) check_f32(*bias_hh, "bias_hh");
+  TORCH_CHECK(att.has_value() == (mode == kAugru || mode == kAgru),
+              "packed recurrence: att is required by the augru / agru modes and not used by the others");
   if (input_bias) {
     check_f32(*input_bias, "input_bias");
     TORCH_CHECK(input_bias->numel() == x.size(1), "packed recurrence: input_bias must have x's ", x.size(1),
@@ -289,6 +298,8 @@ inline std::vector<at::Tensor> recurrence_backward(at::Tensor grad_out, std::opt
   using namespace din_recurrence;
   TORCH_CHECK(grad_out.sizes() == out.sizes(), "packed recurrence: grad_out must match the states");
   check_f32(grad_out, "grad_out");
+  TORCH_CHECK(att.has_value() == (mode == kAugru || mode == kAgru),
+              "packed recurrence: att is required by the augru / agru modes and not used by the others");
   for (const at::Tensor* t : {&out, &sig, &cand, &hh_n, &weight_hh}) check_f32(*t, "saved tensor");
 #define DIN_RECURRENCE_BACKWARD(M)                                                                          \
   return bf16_dx ? backward_impl<M, c10::BFloat16>(grad_out, att, weight_hh, out, sig, cand, hh_n, steps,     \
