@@ -4,6 +4,8 @@ autocast and fp32, on one GPU with stock PyTorch (no CUDA FBGEMM, no TorchRec ne
     python -m din_torchrec.bench.gpu_check [--out DIR] [--small] [--device cuda|cpu] [--cases A,B]
 
 Writes ``gpu_check.json`` and ``gpu_check.png`` into ``--out`` (default ``runs/bench``) and prints a table.
+The JSON is rewritten (atomically) after every case with ``"complete": false`` until the last: a run cut off
+by a time limit, as a lent GPU's is, still leaves the cases it finished.
 On a machine without a GPU it runs on the CPU (``--small``: tiny sizes, seconds), which is what the test
 suite does.
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 import types
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from din_torchrec.utils.io import atomic_write_json
 
 _FALLBACK_LIB: Any = None
 
@@ -109,8 +112,29 @@ def run(
     s.cases = list(cases or CASES)
     s.activation = activation
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    results = []
+    results: list[dict[str, Any]] = []
     t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "benchmark": "gpu_check",
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "fbgemm": "pure-PyTorch fallback for asynchronous_complete_cumsum" if stubbed else "fbgemm_gpu",
+        "torchrec_imported": "torchrec" in sys.modules,
+        "preset": "small" if small else "full",
+        "settings": {k: v for k, v in s.__dict__.items()},
+        "timing": "forward + backward per call, best of interleaved rounds; samples/s = batch / seconds",
+        "results": results,
+        "complete": False,
+    }
+
+    def save() -> None:
+        report["wall_seconds"] = time.perf_counter() - t0
+        report["torchrec_imported"] = "torchrec" in sys.modules
+        atomic_write_json(out / "gpu_check.json", report)
+
     for dtype in ("fp32", "bf16"):
 
         def context(dtype: str = dtype) -> Any:
@@ -134,6 +158,7 @@ def run(
                     }
                 )
                 log(f"{dtype:<5} {case.name:<26} FAILED: {results[-1]['error']}")
+                save()
                 continue
             results.append(
                 {
@@ -152,22 +177,9 @@ def run(
                 f"ref {r['samples_per_s_reference']:>12,.0f} samples/s  x{r['speedup']:.1f}  "
                 f"max diff {r['max_abs_diff']:.1e}"
             )
-    report = {
-        "benchmark": "gpu_check",
-        "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "fbgemm": "pure-PyTorch fallback for asynchronous_complete_cumsum" if stubbed else "fbgemm_gpu",
-        "torchrec_imported": "torchrec" in sys.modules,
-        "preset": "small" if small else "full",
-        "settings": {k: v for k, v in s.__dict__.items()},
-        "timing": "forward + backward per call, best of interleaved rounds; samples/s = batch / seconds",
-        "results": results,
-        "wall_seconds": time.perf_counter() - t0,
-    }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+            save()
+    report["complete"] = True
+    save()
     from din_torchrec.bench.plots import plot_speedups
 
     plot_speedups(

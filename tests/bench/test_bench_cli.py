@@ -166,6 +166,7 @@ sys.exit(code)
     report = _load(tmp_path / "gpu_check.json")
     _check_png(tmp_path / "gpu_check.png")
     assert report["torchrec_imported"] is False
+    assert report["complete"] is True
     assert {r["dtype"] for r in report["results"]} == {"fp32", "bf16"}
     fp32 = [r for r in report["results"] if r["dtype"] == "fp32"]
     assert fp32 and all("error" not in r and r["max_abs_diff"] < 1e-4 for r in fp32), fp32
@@ -205,3 +206,22 @@ def test_bench_compare_small_without_the_peer_and_the_peer_arrays(tmp_path: Path
         neg = train["neg_hist_item_id"][i]
         assert (neg[:k] >= 1).all() and not neg[k:].any()
     assert train["label"][:n].tolist() == table.column("label").to_pylist()[:n]
+
+
+def test_gpu_check_keeps_the_finished_cases_of_a_run_cut_off(tmp_path: Path) -> None:
+    """A lent GPU's time limit kills the run mid-way: the JSON written after each case must hold the cases
+    finished before, marked incomplete (the log callback stands in for the kill, on the second case)."""
+    from din_torchrec.bench.gpu_check import run
+
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if len(lines) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, small=True, device="cpu", log=log, cases=["din_scores", "dsin_sessions"])
+    report = _load(tmp_path / "gpu_check.json")
+    assert report["complete"] is False
+    assert [(r["name"], r["dtype"]) for r in report["results"]] == [("din_scores", "fp32")]
