@@ -14,6 +14,7 @@
 #pragma once
 
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
 #include "kernel_math.h"
@@ -158,6 +159,17 @@ void step_backward(int64_t b, int64_t h, const float* __restrict__ dh, const flo
   }
 }
 
+// A step's rows split into at most this many-rows-or-more parts, one per thread: each part runs its own slice of
+// the step's product (U h for its rows: single-threaded inside the parallel region) and of the gate loop. Left
+// to itself, ATen ran the [b, H] x [H, G H] product on both threads (a fork and a join per product, for ~25 us
+// of work) and the gate loop on one: DIEN's recurrences ran *slower* with two threads than with one (profiled,
+// bf16 step: own time 8.0 -> 10.5 ms). Steps with fewer than 2 x kPartRows rows stay on the calling thread.
+constexpr int64_t kPartRows = 128;
+
+inline int64_t step_parts(int64_t b) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), b / kPartRows));
+}
+
 inline void check_f32(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), "packed recurrence: ",
               name, " must be a contiguous float32 CPU tensor");
@@ -183,22 +195,29 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const std::optional<at
   const float* attp = att ? att->data_ptr<float>() : nullptr;
   int64_t start = 0, prev_start = 0;
   for (size_t t = 0; t < steps.size(); ++t) {
-    const int64_t b = steps[t];
-    at::Tensor hh_b = hh.narrow(0, 0, b);
-    const float* hp = zeros.data_ptr<float>();
-    if (t == 0) {
-      if (bias_hh) hh_b.copy_(bias_hh->unsqueeze(0).expand({b, g}));
-      else hh_b.zero_();
-    } else {
-      at::Tensor prev = out.narrow(0, prev_start, b);
-      if (bias_hh) at::addmm_out(hh_b, *bias_hh, prev, wt);
-      else at::mm_out(hh_b, prev, wt);
-      hp = prev.data_ptr<float>();
-    }
-    step_forward<M, T>(b, h, xp + start * g, bx.data_ptr<float>(), hh_b.data_ptr<float>(), hp,
-                    attp ? attp + start : nullptr, sig.data_ptr<float>() + start * ns * h,
-                    cand.data_ptr<float>() + start * h, hh_n.data_ptr<float>() + start * h,
-                    out.data_ptr<float>() + start * h);
+    const int64_t b = steps[t], parts = step_parts(b);
+    at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
+      at::NoGradGuard no_grad;  // grad mode is thread-local: a worker thread's must not see weight_hh's grad
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t r0 = b * q / parts, rows = b * (q + 1) / parts - r0;
+        at::Tensor hh_b = hh.narrow(0, r0, rows);
+        const float* hp = zeros.data_ptr<float>() + r0 * h;
+        if (t == 0) {
+          if (bias_hh) hh_b.copy_(bias_hh->unsqueeze(0).expand({rows, g}));
+          else hh_b.zero_();
+        } else {
+          at::Tensor prev = out.narrow(0, prev_start + r0, rows);
+          if (bias_hh) at::addmm_out(hh_b, *bias_hh, prev, wt);
+          else at::mm_out(hh_b, prev, wt);
+          hp = prev.data_ptr<float>();
+        }
+        const int64_t row = start + r0;
+        step_forward<M, T>(rows, h, xp + row * g, bx.data_ptr<float>(), hh_b.data_ptr<float>(), hp,
+                           attp ? attp + row : nullptr, sig.data_ptr<float>() + row * ns * h,
+                           cand.data_ptr<float>() + row * h, hh_n.data_ptr<float>() + row * h,
+                           out.data_ptr<float>() + row * h);
+      }
+    });
     prev_start = start;
     start += b;
   }
@@ -214,7 +233,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const std::opt
   const int64_t n_rows = out.size(0), h = out.size(1), g = (ns + 1) * h;
   at::Tensor dh_all = grad_out.clone(at::MemoryFormat::Contiguous);
   at::Tensor dx = at::empty({n_rows, g}, out.options().dtype(c10::CppTypeToScalarType<T>::value));
-  at::Tensor dbx = at::zeros({g}, out.options());
+  // The input bias's gradient summed per part (part q of every step into row q), then over the parts in order:
+  // deterministic for a given thread count.
+  at::Tensor dbx_parts = at::zeros({std::max<int64_t>(1, at::get_num_threads()), g}, out.options());
   at::Tensor dhh = at::empty({n_rows, g}, out.options());
   at::Tensor datt = att ? at::zeros({n_rows}, out.options()) : at::Tensor();
   const float* attp = att ? att->data_ptr<float>() : nullptr;
@@ -227,17 +248,24 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const std::opt
   at::Tensor scratch = at::empty({b0 * h}, out.options());
   const float* outp = out.data_ptr<float>();
   for (int64_t t = static_cast<int64_t>(steps.size()) - 1; t >= 0; --t) {
-    const int64_t b = steps[t], start = starts[t];
-    const float* hp = t > 0 ? outp + starts[t - 1] * h : zeros.data_ptr<float>();
-    float* dprev = t > 0 ? dhp + starts[t - 1] * h : scratch.data_ptr<float>();
-    step_backward<M, T>(b, h, dhp + start * h, sig.data_ptr<float>() + start * ns * h,
-                        cand.data_ptr<float>() + start * h, hh_n.data_ptr<float>() + start * h, hp,
-                        attp ? attp + start : nullptr, dx.data_ptr<T>() + start * g, dhh.data_ptr<float>() + start * g,
-                        dbx.data_ptr<float>(), att ? datt.data_ptr<float>() + start : nullptr, dprev);
-    if (t > 0) {
-      at::Tensor prev = dh_all.narrow(0, starts[t - 1], b);
-      prev.addmm_(dhh.narrow(0, start, b), weight_hh);  // through U h
-    }
+    const int64_t b = steps[t], start = starts[t], parts = std::min(step_parts(b), dbx_parts.size(0));
+    at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
+      at::NoGradGuard no_grad;  // grad mode is thread-local: a worker thread's must not see weight_hh's grad
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t r0 = b * q / parts, rows = b * (q + 1) / parts - r0, row = start + r0;
+        const float* hp = t > 0 ? outp + (starts[t - 1] + r0) * h : zeros.data_ptr<float>() + r0 * h;
+        float* dprev = t > 0 ? dhp + (starts[t - 1] + r0) * h : scratch.data_ptr<float>() + r0 * h;
+        step_backward<M, T>(rows, h, dhp + row * h, sig.data_ptr<float>() + row * ns * h,
+                            cand.data_ptr<float>() + row * h, hh_n.data_ptr<float>() + row * h, hp,
+                            attp ? attp + row : nullptr, dx.data_ptr<T>() + row * g, dhh.data_ptr<float>() + row * g,
+                            dbx_parts.data_ptr<float>() + q * g, att ? datt.data_ptr<float>() + row : nullptr,
+                            dprev);
+        if (t > 0) {
+          at::Tensor prev = dh_all.narrow(0, starts[t - 1] + r0, rows);
+          prev.addmm_(dhh.narrow(0, row, rows), weight_hh);  // through U h
+        }
+      }
+    });
   }
   // dU = sum over rows of dhh^T h_prev; a row of step t >= 1 started from row (its rank) of step t - 1, and
   // the rows of step 0 started from zeros (no term).
@@ -253,7 +281,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const std::opt
     dweight = at::zeros({g, h}, out.options());
   }
   at::Tensor dbias = has_bias ? dhh.sum(0) : at::Tensor();
-  return {dx, datt, dweight, dbias, has_input_bias ? dbx : at::Tensor()};
+  return {dx, datt, dweight, dbias, has_input_bias ? dbx_parts.sum(0) : at::Tensor()};
 }
 
 }  // namespace din_recurrence

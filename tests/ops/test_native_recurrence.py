@@ -176,3 +176,43 @@ def test_bfloat16_input_is_widened_in_the_kernel_and_its_gradient_returned_in_bf
         out = packed_recurrence(x16, att, w, b, steps, mode, bias)
     assert out.grad_fn.name().startswith("NativePackedRecurrence")
     torch.testing.assert_close(out, out32, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["gru", "augru"])
+def test_steps_split_over_threads_give_the_single_thread_result(mode: str) -> None:
+    """Each step's rows are split into one part per thread (the part's U h product and gate loop): every row's
+    arithmetic is the same whichever part it falls in, so states and per-row gradients match the one-thread
+    run; the input bias's gradient is summed per part and may differ in rounding only."""
+    torch.manual_seed(11)
+    lengths = torch.randint(0, 40, (700,))
+    lengths[:2] = torch.tensor([0, 1])
+    steps = packed_layout(lengths).steps
+    assert steps[0] >= 3 * 128  # split into parts at 2 and 3 threads
+    x, att, w, b = _inputs(mode, int(lengths.sum()), 32, dtype=torch.float32)
+    w = (w.detach() / 32**0.5).requires_grad_()
+    bias = torch.randn(x.shape[1], requires_grad=True)
+    g = torch.randn(int(lengths.sum()), 32)
+    inputs = tuple(t for t in (x, att, w, b, bias) if t is not None)
+
+    def call(*a):
+        it = iter(a)
+        xx = next(it)
+        aa = next(it) if att is not None else None
+        ww = next(it)
+        bb = next(it) if b is not None else None
+        return NativePackedRecurrence.apply(xx, aa, ww, bb, steps, mode, next(it))
+
+    before = torch.get_num_threads()
+    try:
+        results = {}
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results[threads] = _grads(call, inputs, g)
+    finally:
+        torch.set_num_threads(before)
+    out1, grads1 = results[1]
+    for threads in (2, 3):
+        out, grads = results[threads]
+        torch.testing.assert_close(out, out1, rtol=1e-6, atol=1e-6)
+        for got, want in zip(grads, grads1):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * (1 + float(want.abs().max())))
