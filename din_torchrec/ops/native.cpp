@@ -1,8 +1,9 @@
 // The project's native CPU kernels as one extension module (one build): see dice_kernel.h, jagged_kernel.h,
-// lau_kernel.h, recurrence_kernel.h, tbe_backward_kernel.h and tbe_forward_kernel.h; loaded by din_torchrec/ops/native.py.
+// lau_kernel.h, pair_loss_kernel.h, recurrence_kernel.h, tbe_backward_kernel.h and tbe_forward_kernel.h; loaded by din_torchrec/ops/native.py.
 #include "dice_kernel.h"
 #include "jagged_kernel.h"
 #include "lau_kernel.h"
+#include "pair_loss_kernel.h"
 #include "recurrence_kernel.h"
 #include "tbe_backward_kernel.h"
 #include "tbe_forward_kernel.h"
@@ -27,6 +28,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lau_first_backward", &lau_first_backward, "its backward: db, dc, da_t, dp_t, dk");
   m.def("weighted_segment_sum", &weighted_segment_sum, "sum over each sample's rows of w b");
   m.def("weighted_segment_sum_backward", &weighted_segment_sum_backward, "grad_b, grad_w");
+  m.def("pair_loss_chunks", &pair_loss_chunks,
+        "DIEN's auxiliary pair loss, chunk loop: loss, g_hs, g_x, g_w..., g_b... (chunks shared among threads)");
   m.def("recurrence_forward", &recurrence_forward, "packed gated recurrence: out, sig, cand, hh_n");
   m.def("recurrence_backward", &recurrence_backward, "packed gated recurrence backward: dx, datt, dweight, dbias, dinput_bias");
   m.def("nobag_rowwise_adagrad_backward", &nobag_rowwise_adagrad_backward,

@@ -31,6 +31,7 @@ _SOURCES = (
     "dice_kernel.h",
     "jagged_kernel.h",
     "lau_kernel.h",
+    "pair_loss_kernel.h",
     "recurrence_kernel.h",
     "tbe_common.h",
     "tbe_backward_kernel.h",

@@ -23,8 +23,11 @@ zero-filled gradients of those slices. Here:
 Measured in DIEN training steps on the CPU, against the gathered-pairs path: +3 % samples/s in bf16, +13 % in
 float32 (docs/benchmarks.md, section 7).
 
-Pure PyTorch (it runs on the GPU check machine without FBGEMM); under autocast it computes in the autocast
-dtype with float32 logits, loss and bias-gradient sums.
+The chunk loop is PyTorch ops (:func:`_chunk_loop`: the GPU's path; it runs on the GPU check machine without
+FBGEMM); on the CPU the same loop runs in C++ (``pair_loss_kernel.h``: the same ATen calls without ~600
+Python dispatches per DIEN step, and whole chunks shared among the threads instead of every small matmul
+forked over them; with one thread bit-identical to the PyTorch loop). Under autocast it computes in the
+autocast dtype with float32 logits, loss and bias-gradient sums.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from din_torchrec.modules.attention import segment_ids
+from din_torchrec.ops import native
 
 #: Target rows per chunk (each chunk scores 2 x CHUNK_ROWS rows: positives and negatives). At 2048 a chunk's
 #: widest activation, [4096, 100], is 800 KiB in bf16 (1.6 MiB in float32): it stays in cache from its
@@ -66,12 +70,10 @@ class _SigmoidMLPPairLoss(torch.autograd.Function):
         *params: torch.Tensor,
     ) -> torch.Tensor:
         n, h = states.shape
-        d = behaviours.shape[1]
         dev = states.device
         acc = torch.promote_types(dtype, torch.float32)  # logits, loss, gradient sums: float32 under bf16
         weights = [w.to(dtype) for w in params[0::2]]
         biases = [b.to(dtype) for b in params[1::2]]
-        w_h, w_e = weights[0][:, :h], weights[0][:, h:]
         k = len(weights)
         # Chunks of equal size, rounded up to a multiple of 256 rows: a bounded set of matmul shapes (one oneDNN
         # primitive each under bf16) without padding a small batch up to a whole CHUNK_ROWS.
@@ -90,51 +92,20 @@ class _SigmoidMLPPairLoss(torch.autograd.Function):
         scale = 1.0 / max(num_pairs, 1)
         grads = any(ctx.needs_input_grad)
 
-        x = torch.zeros(2 * c, d, dtype=dtype, device=dev)
-        z = torch.empty(2 * c, weights[0].shape[0], dtype=dtype, device=dev)
-        loss = torch.zeros((), dtype=acc, device=dev)
-        if grads:
-            g_hs = torch.empty(rows, h, dtype=dtype, device=dev)
-            g_x = torch.empty(2, rows, d, dtype=dtype, device=dev)
-            g_w = [torch.zeros(w.shape, dtype=acc, device=dev) for w in weights]
-            g_b = [torch.zeros(b.shape, dtype=acc, device=dev) for b in biases]
-            dz = torch.zeros(2 * c, 1, dtype=dtype, device=dev)
-        for i in range(num_chunks):
-            r0, r1 = i * c, min((i + 1) * c, n)
-            m = r1 - r0
-            x[:m] = behaviours[r0:r1]
-            x[c : c + m] = negatives[r0:r1]
-            if m < c:
-                x[m:c] = 0
-                x[c + m :] = 0
-            hc = hs[r0 : r0 + c]
-            s = torch.addmm(biases[0], hc, w_h.t())
-            z[:c] = s
-            z[c:] = s
-            acts = [x, z.addmm_(x, w_e.t()).sigmoid_()]
-            for w, b in zip(weights[1:-1], biases[1:-1]):
-                acts.append(torch.addmm(b, acts[-1], w.t()).sigmoid_())
-            logits = torch.addmm(biases[-1], acts[-1], weights[-1].t()).squeeze(1).to(acc)
-            mc = mask[r0 : r0 + c]
-            loss += (F.softplus(-logits[:c]) * mc).sum() + (F.softplus(logits[c:]) * mc).sum()
-            if not grads:
-                continue
-            p = torch.sigmoid(logits)
-            dz[:c, 0] = (p[:c] - 1) * mc * scale
-            dz[c:, 0] = p[c:] * mc * scale
-            grad = dz
-            for j in range(k - 1, 0, -1):
-                g_w[j] += grad.t().mm(acts[j])
-                g_b[j] += grad.sum(0, dtype=acc)
-                grad = torch.ops.aten.sigmoid_backward(grad.mm(weights[j]), acts[j])
-            ds = grad[:c] + grad[c:]
-            g_w[0][:, :h] += ds.t().mm(hc)
-            g_w[0][:, h:] += grad.t().mm(x)
-            g_b[0] += ds.sum(0, dtype=acc)
-            torch.mm(ds, w_h, out=g_hs[r0 : r0 + c])
-            dx = grad.mm(w_e)
-            g_x[0, r0 : r0 + c] = dx[:c]
-            g_x[1, r0 : r0 + c] = dx[c:]
+        if native.usable(hs, (torch.float32, torch.bfloat16)):
+            # The same chunk loop in C++ (pair_loss_kernel.h), chunks shared among the threads.
+            res = native.kernels().pair_loss_chunks(  # type: ignore[union-attr]
+                hs, behaviours, negatives, mask, weights, biases, n, c, scale, grads
+            )
+            loss = res[0]
+            if grads:
+                g_hs, g_x, g_w, g_b = res[1], res[2], res[3 : 3 + k], res[3 + k :]
+        else:
+            loss, grad_parts = _chunk_loop(
+                hs, behaviours, negatives, mask, weights, biases, n, c, scale, grads, acc
+            )
+            if grads:
+                g_hs, g_x, g_w, g_b = grad_parts
         if grads:
             ctx.save_for_backward(g_hs, g_x, *g_w, *g_b)
             ctx.meta = (n, states.dtype, behaviours.dtype, negatives.dtype, [t.dtype for t in params])
@@ -202,3 +173,73 @@ def sigmoid_mlp_pair_loss(
         return _SigmoidMLPPairLoss.apply(
             states, behaviours, negatives, is_target, num_pairs, dtype, chunk_rows, *params
         )
+
+
+def _chunk_loop(
+    hs: torch.Tensor,
+    behaviours: torch.Tensor,
+    negatives: torch.Tensor,
+    mask: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    n: int,
+    c: int,
+    scale: float,
+    grads: bool,
+    acc: torch.dtype,
+) -> tuple[torch.Tensor, tuple | None]:
+    """The chunk loop of :class:`_SigmoidMLPPairLoss` in PyTorch ops (the GPU's path and the reference of the
+    native loop, ``pair_loss_kernel.h``): the loss summed over the pairs, and ``(g_hs, g_x, g_w, g_b)`` for a
+    gradient of 1 when ``grads``."""
+    rows, h = hs.shape
+    d = behaviours.shape[1]
+    dtype, dev = hs.dtype, hs.device
+    k = len(weights)
+    w_h, w_e = weights[0][:, :h], weights[0][:, h:]
+    num_chunks = rows // c
+    x = torch.zeros(2 * c, d, dtype=dtype, device=dev)
+    z = torch.empty(2 * c, weights[0].shape[0], dtype=dtype, device=dev)
+    loss = torch.zeros((), dtype=acc, device=dev)
+    if grads:
+        g_hs = torch.empty(rows, h, dtype=dtype, device=dev)
+        g_x = torch.empty(2, rows, d, dtype=dtype, device=dev)
+        g_w = [torch.zeros(w.shape, dtype=acc, device=dev) for w in weights]
+        g_b = [torch.zeros(b.shape, dtype=acc, device=dev) for b in biases]
+        dz = torch.zeros(2 * c, 1, dtype=dtype, device=dev)
+    for i in range(num_chunks):
+        r0, r1 = i * c, min((i + 1) * c, n)
+        m = r1 - r0
+        x[:m] = behaviours[r0:r1]
+        x[c : c + m] = negatives[r0:r1]
+        if m < c:
+            x[m:c] = 0
+            x[c + m :] = 0
+        hc = hs[r0 : r0 + c]
+        s = torch.addmm(biases[0], hc, w_h.t())
+        z[:c] = s
+        z[c:] = s
+        acts = [x, z.addmm_(x, w_e.t()).sigmoid_()]
+        for w, b in zip(weights[1:-1], biases[1:-1]):
+            acts.append(torch.addmm(b, acts[-1], w.t()).sigmoid_())
+        logits = torch.addmm(biases[-1], acts[-1], weights[-1].t()).squeeze(1).to(acc)
+        mc = mask[r0 : r0 + c]
+        loss += (F.softplus(-logits[:c]) * mc).sum() + (F.softplus(logits[c:]) * mc).sum()
+        if not grads:
+            continue
+        p = torch.sigmoid(logits)
+        dz[:c, 0] = (p[:c] - 1) * mc * scale
+        dz[c:, 0] = p[c:] * mc * scale
+        grad = dz
+        for j in range(k - 1, 0, -1):
+            g_w[j] += grad.t().mm(acts[j])
+            g_b[j] += grad.sum(0, dtype=acc)
+            grad = torch.ops.aten.sigmoid_backward(grad.mm(weights[j]), acts[j])
+        ds = grad[:c] + grad[c:]
+        g_w[0][:, :h] += ds.t().mm(hc)
+        g_w[0][:, h:] += grad.t().mm(x)
+        g_b[0] += ds.sum(0, dtype=acc)
+        torch.mm(ds, w_h, out=g_hs[r0 : r0 + c])
+        dx = grad.mm(w_e)
+        g_x[0, r0 : r0 + c] = dx[:c]
+        g_x[1, r0 : r0 + c] = dx[c:]
+    return loss, ((g_hs, g_x, g_w, g_b) if grads else None)

@@ -5,12 +5,18 @@ boundaries and the last chunk is padded."""
 
 from __future__ import annotations
 
+import contextlib
+import types
+
 import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import given, settings
 
 from din_torchrec.modules.interest_evolution import AuxiliaryNextBehaviourLoss
+from din_torchrec.ops import native as native_module
+from din_torchrec.ops import pair_loss
+from din_torchrec.ops.native import kernels as native_kernels
 from din_torchrec.ops.pair_loss import sigmoid_mlp_pair_loss
 
 
@@ -146,3 +152,53 @@ def test_fused_with_rounded_chunks_equals_unfused(chunk: int) -> None:
     torch.testing.assert_close(fused[0], unfused[0], rtol=1e-12, atol=1e-12)
     for got, want in zip(fused[1], unfused[1]):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(native_kernels() is None, reason="the native kernels did not build")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_native_chunk_loop_equals_the_pytorch_loop_and_splits_over_threads(
+    precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The C++ chunk loop (pair_loss_kernel.h) makes the PyTorch loop's ATen calls in the same order: with one
+    thread its loss and every gradient are bit-identical to the PyTorch loop's; with 2 and 3 threads the
+    threads' partial sums are added in thread order, which changes only rounding. DIEN's sizes, 5 chunks."""
+    torch.manual_seed(1)
+    lengths = [0, 1] + [50] * 160 + [9] * 100
+    aux = AuxiliaryNextBehaviourLoss(32, 32, hidden=(100, 50))
+    xs = _inputs(lengths, 32, 32, 4, dtype=torch.float32)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+    def run() -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        with ctx:
+            return _loss_and_grads(
+                lambda s, b, n, lens: sigmoid_mlp_pair_loss(s, b, n, lens, _linears(aux), chunk_rows=2048),
+                aux,
+                xs,
+                lengths,
+                0.7,
+            )
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        calls = []
+        loop = pair_loss._chunk_loop
+        monkeypatch.setattr(pair_loss, "_chunk_loop", lambda *a: calls.append(1) or loop(*a))
+        # Only the pair loss's view of the native module: the other kernels stay as they are.
+        monkeypatch.setattr(pair_loss, "native", types.SimpleNamespace(usable=lambda *args: False))
+        python_loop = run()
+        assert calls, "the PyTorch loop did not run"
+        monkeypatch.setattr(pair_loss, "native", native_module)
+        native = {threads: (torch.set_num_threads(threads), run())[1] for threads in (1, 2, 3)}
+        assert len(calls) == 1, "the native loop did not run"
+        monkeypatch.undo()
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(native[1][0], python_loop[0])
+    for got, want in zip(native[1][1], python_loop[1]):
+        assert torch.equal(got, want)
+    for threads in (2, 3):
+        loss, grads = native[threads]
+        torch.testing.assert_close(loss, python_loop[0], rtol=1e-5, atol=0)
+        for got, want in zip(grads, python_loop[1]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * (1 + float(want.abs().max())))
