@@ -29,6 +29,37 @@ def _grads(fn, inputs, g):
     return out, grads
 
 
+def _float32_case(lengths: list[int], mode: str, hidden: int, seed: int):
+    """Steps, float32 inputs and an upstream gradient for a random jagged batch (an all-empty one gets one
+    behaviour). nn.GRU's scale of weights: with N(0, 1) weights at hidden 32 a few steps are already chaotic
+    and float32 rounding differences between any two correct implementations grow past the tolerances."""
+    torch.manual_seed(seed)
+    if sum(lengths) == 0:
+        lengths[0] = 1
+    steps = packed_layout(torch.tensor(lengths)).steps
+    x, att, w, b = _inputs(mode, sum(lengths), hidden, dtype=torch.float32)
+    w = (w.detach() / hidden**0.5).requires_grad_()
+    return steps, x, att, w, b, torch.randn(sum(lengths), hidden)
+
+
+def _apply_on_present(fn, steps, mode, att, b, fold_bias=False):
+    """``fn.apply`` taking only the inputs that are present, ``(x, [att], w, [b], input_bias)``, in that order
+    (what ``torch.autograd.grad`` differentiates); ``fold_bias``: ``x + input_bias`` instead of passing it."""
+
+    def call(*args):
+        it = iter(args)
+        x = next(it)
+        a = next(it) if att is not None else None
+        w = next(it)
+        bb = next(it) if b is not None else None
+        bias = next(it)
+        if fold_bias:
+            return fn.apply(x + bias, a, w, bb, steps, mode)
+        return fn.apply(x, a, w, bb, steps, mode, bias)
+
+    return call
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     lengths=st.lists(st.integers(0, 9), min_size=1, max_size=12),
@@ -37,16 +68,8 @@ def _grads(fn, inputs, g):
     seed=st.integers(0, 2**16),
 )
 def test_native_recurrence_equals_the_float64_loop(lengths, mode, hidden, seed) -> None:
-    torch.manual_seed(seed)
-    if sum(lengths) == 0:
-        lengths[0] = 1
-    steps = packed_layout(torch.tensor(lengths)).steps
-    x, att, w, b = _inputs(mode, sum(lengths), hidden, dtype=torch.float32)
-    # nn.GRU's scale of weights: with N(0, 1) weights at hidden 32 a few steps are already chaotic and
-    # float32 rounding differences between any two correct implementations grow past the tolerance.
-    w = (w.detach() / hidden**0.5).requires_grad_()
+    steps, x, att, w, b, g = _float32_case(lengths, mode, hidden, seed)
     inputs = (x, att, w, b)
-    g = torch.randn(sum(lengths), hidden)
 
     def native_fn(x, att, w, b):
         return NativePackedRecurrence.apply(x, att, w, b, steps, mode)
@@ -110,31 +133,12 @@ def test_packed_recurrence_takes_the_native_path_for_float32_and_bfloat16_cpu_te
 def test_input_bias_inside_the_kernel_equals_adding_it_before(lengths, mode, hidden, seed) -> None:
     """``input_bias`` added in the kernel's loop (and its gradient summed there) against ``x + b`` through
     autograd, for the native kernel and the PyTorch function alike."""
-    torch.manual_seed(seed)
-    if sum(lengths) == 0:
-        lengths[0] = 1
-    steps = packed_layout(torch.tensor(lengths)).steps
-    x, att, w, b = _inputs(mode, sum(lengths), hidden, dtype=torch.float32)
-    w = (w.detach() / hidden**0.5).requires_grad_()
+    steps, x, att, w, b, g = _float32_case(lengths, mode, hidden, seed)
     bias = torch.randn(x.shape[1], requires_grad=True)
-    g = torch.randn(sum(lengths), hidden)
     inputs = tuple(t for t in (x, att, w, b, bias) if t is not None)
-
-    def split(args):
-        it = iter(args)
-        return (
-            next(it),
-            (next(it) if att is not None else None),
-            next(it),
-            (next(it) if b is not None else None),
-            next(it),
-        )
-
     for fn in (NativePackedRecurrence, PackedRecurrence):
-        out, grads = _grads(lambda *a, f=fn: f.apply(*split(a)[:4], steps, mode, split(a)[4]), inputs, g)
-        ref, ref_grads = _grads(
-            lambda *a, f=fn: f.apply(split(a)[0] + split(a)[4], *split(a)[1:4], steps, mode), inputs, g
-        )
+        out, grads = _grads(_apply_on_present(fn, steps, mode, att, b), inputs, g)
+        ref, ref_grads = _grads(_apply_on_present(fn, steps, mode, att, b, fold_bias=True), inputs, g)
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
         for got, want in zip(grads, ref_grads):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * (1 + float(want.abs().max())))
@@ -157,14 +161,7 @@ def test_bfloat16_input_is_widened_in_the_kernel_and_its_gradient_returned_in_bf
     x32 = x16.detach().float().requires_grad_()
     g = torch.randn(int(lengths.sum()), 16)
     rest = tuple(t for t in (att, w, b, bias) if t is not None)
-
-    def call(xx, *r):
-        it = iter(r)
-        a = next(it) if att is not None else None
-        ww = next(it)
-        bb = next(it) if b is not None else None
-        return NativePackedRecurrence.apply(xx, a, ww, bb, steps, mode, next(it))
-
+    call = _apply_on_present(NativePackedRecurrence, steps, mode, att, b)
     out16, grads16 = _grads(call, (x16, *rest), g)
     out32, grads32 = _grads(call, (x32, *rest), g)
     assert out16.dtype == torch.float32 and grads16[0].dtype == torch.bfloat16
@@ -193,15 +190,7 @@ def test_steps_split_over_threads_give_the_single_thread_result(mode: str) -> No
     bias = torch.randn(x.shape[1], requires_grad=True)
     g = torch.randn(int(lengths.sum()), 32)
     inputs = tuple(t for t in (x, att, w, b, bias) if t is not None)
-
-    def call(*a):
-        it = iter(a)
-        xx = next(it)
-        aa = next(it) if att is not None else None
-        ww = next(it)
-        bb = next(it) if b is not None else None
-        return NativePackedRecurrence.apply(xx, aa, ww, bb, steps, mode, next(it))
-
+    call = _apply_on_present(NativePackedRecurrence, steps, mode, att, b)
     before = torch.get_num_threads()
     try:
         results = {}
