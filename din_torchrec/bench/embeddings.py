@@ -397,8 +397,7 @@ def time_interleaved(
     """Per kernel the seconds per call of every round, and the STREAM GB/s of every round."""
     from din_torchrec.ops import tbe
 
-    was = tbe.installed()
-    try:
+    with tbe.registration_restored():
         iters = []
         for k in kernels:
             use_tbe_kernels(k)
@@ -411,8 +410,6 @@ def time_interleaved(
                 times[j].append(_time_calls(k.run, iters[j], variants))
             if stream is not None:
                 bandwidth.append(stream.gbs())
-    finally:
-        (tbe.install if was else tbe.uninstall)()
     return times, bandwidth
 
 

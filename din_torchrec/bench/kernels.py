@@ -607,13 +607,9 @@ def seq_embedding_backward_case(batch: int, history: int, dim: int, lengths_mode
     probe = indices[: min(1024, n + batch)]  # item-table rows (table 0 starts at row 0)
 
     def step(tables: SplitTableBatchedEmbeddingBagsCodegen, native_kernel: bool) -> torch.Tensor:
-        was = tbe.installed()
-        (tbe.install if native_kernel else tbe.uninstall)()
-        try:
-            with torch.enable_grad():
-                tables(indices, offsets).backward(grad)
-        finally:
-            (tbe.install if was else tbe.uninstall)()
+        with tbe.registration_restored(), torch.enable_grad():
+            (tbe.install if native_kernel else tbe.uninstall)()
+            tables(indices, offsets).backward(grad)
         return tables.weights_host.view(-1, dim).index_select(0, probe)
 
     return Case(

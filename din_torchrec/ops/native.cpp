@@ -1,5 +1,6 @@
 // The project's native CPU kernels as one extension module (one build): see dice_kernel.h, jagged_kernel.h,
-// lau_kernel.h, pair_loss_kernel.h, recurrence_kernel.h, tbe_backward_kernel.h and tbe_forward_kernel.h; loaded by din_torchrec/ops/native.py.
+// lau_kernel.h, pair_loss_kernel.h, recurrence_kernel.h, tbe_backward_kernel.h and tbe_forward_kernel.h;
+// loaded by din_torchrec/ops/native.py.
 #include "dice_kernel.h"
 #include "jagged_kernel.h"
 #include "lau_kernel.h"

@@ -1,6 +1,6 @@
 """The native CPU kernels (``native.cpp``: ``dice_kernel.h``, ``jagged_kernel.h``, ``lau_kernel.h``,
-``recurrence_kernel.h``, ``tbe_backward_kernel.h``, ``tbe_forward_kernel.h``) as one extension module, built on
-first use with the host's C++ compiler (``torch.utils.cpp_extension``).
+``pair_loss_kernel.h``, ``recurrence_kernel.h``, ``tbe_backward_kernel.h``, ``tbe_forward_kernel.h``) as one
+extension module, built on first use with the host's C++ compiler (``torch.utils.cpp_extension``).
 
 The first build takes about 20-30 s and is cached under ``TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions``); the module name carries a hash of the sources, the torch version and the CPU's

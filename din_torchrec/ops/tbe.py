@@ -25,8 +25,10 @@ Installed by the trainer when the native kernels are on (``DIN_TORCHREC_NATIVE_K
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -155,6 +157,17 @@ def install() -> bool:
                 lib.impl(op, kernel, "CPU")
         _state["lib"] = lib
         return True
+
+
+@contextlib.contextmanager
+def registration_restored() -> Iterator[None]:
+    """On leaving the block, the kernels are registered again exactly when they were on entering it (the
+    block may :func:`install` / :func:`uninstall` them, e.g. to time both)."""
+    was = installed()
+    try:
+        yield
+    finally:
+        (install if was else uninstall)()
 
 
 def uninstall() -> None:

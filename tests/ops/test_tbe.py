@@ -26,9 +26,8 @@ configs = pytest.importorskip("fbgemm_gpu.split_embedding_configs")
 
 @pytest.fixture(autouse=True)
 def _fbgemm_kernel_after_each_test():
-    was = tbe.installed()
-    yield
-    (tbe.install if was else tbe.uninstall)()
+    with tbe.registration_restored():
+        yield
 
 
 def _module(
