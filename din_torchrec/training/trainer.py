@@ -336,7 +336,8 @@ class Trainer:
             if built:
                 tbe.install()  # the tables' forward lookups and the sequence tables' backward, in place of FBGEMM's
             self._log(
-                "native CPU kernels (Dice, attention, recurrences, embedding lookups and sequence-table backward): "
+                "native CPU kernels (Dice, attention, recurrences, DIEN auxiliary loss, embedding lookups and "
+                "sequence-table backward): "
                 f"{'ready' if built else 'unavailable, PyTorch paths'} ({time.perf_counter() - t0:.1f} s)"
             )
         self.model = shard_model(
