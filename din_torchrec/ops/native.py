@@ -33,6 +33,7 @@ _SOURCES = (
     "lau_kernel.h",
     "pair_loss_kernel.h",
     "recurrence_kernel.h",
+    "small_gemm.h",
     "tbe_common.h",
     "tbe_backward_kernel.h",
     "tbe_forward_kernel.h",

@@ -5,7 +5,8 @@
 // packed layout): per step one matmul for U h and one fused loop over the b_t x H gate values; backward per
 // step one fused loop and one matmul for the gradient reaching the previous state, the recurrent weight's
 // gradient as one matmul after the loop. In Python each step is ~10 ATen calls on [b_t, H] tensors of a few
-// KB (2-15 us each, dominated by dispatch); here each step is one BLAS call plus a loop that stays in L1.
+// KB (2-15 us each, dominated by dispatch); here each step is one small matmul (oneDNN's BRGEMM, small_gemm.h) plus a loop that
+// stays in L1.
 // The state, gates and every sum are float32. The projected input x may be float32 or bfloat16 (under bf16
 // autocast the input projection's matmul writes bfloat16): it is read and widened inside the step's loop, and
 // its gradient written back in bfloat16 there, instead of a float32 copy of all N x G values each way (DIEN's
@@ -18,6 +19,7 @@
 #include <c10/util/BFloat16.h>
 
 #include "kernel_math.h"
+#include "small_gemm.h"
 
 #include <cmath>
 #include <optional>
@@ -191,7 +193,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const std::optional<at
   const at::Tensor bx = input_bias ? *input_bias : at::zeros({g}, f32);
   const T* xp = x.data_ptr<T>();
   const at::Tensor zeros = at::zeros({b0 * h}, f32);  // the state before step 0
-  at::Tensor wt = weight_hh.t();
+  const at::Tensor wt = weight_hh.t().contiguous();      // [H, G]: the product's right-hand side, row-major
+  const float* wtp = wt.data_ptr<float>();
+  const float* bhp = bias_hh ? bias_hh->data_ptr<float>() : nullptr;
   const float* attp = att ? att->data_ptr<float>() : nullptr;
   int64_t start = 0, prev_start = 0;
   for (size_t t = 0; t < steps.size(); ++t) {
@@ -200,19 +204,18 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const std::optional<at
       at::NoGradGuard no_grad;  // grad mode is thread-local: a worker thread's must not see weight_hh's grad
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t r0 = b * q / parts, rows = b * (q + 1) / parts - r0;
-        at::Tensor hh_b = hh.narrow(0, r0, rows);
+        float* hhp = hh.data_ptr<float>() + r0 * g;
         const float* hp = zeros.data_ptr<float>() + r0 * h;
-        if (t == 0) {
-          if (bias_hh) hh_b.copy_(bias_hh->unsqueeze(0).expand({rows, g}));
-          else hh_b.zero_();
-        } else {
-          at::Tensor prev = out.narrow(0, prev_start + r0, rows);
-          if (bias_hh) at::addmm_out(hh_b, *bias_hh, prev, wt);
-          else at::mm_out(hh_b, prev, wt);
-          hp = prev.data_ptr<float>();
+        for (int64_t i = 0; i < rows; ++i) {
+          if (bhp) std::memcpy(hhp + i * g, bhp, sizeof(float) * g);
+          else std::memset(hhp + i * g, 0, sizeof(float) * g);
+        }
+        if (t > 0) {
+          hp = out.data_ptr<float>() + (prev_start + r0) * h;
+          din_gemm::gemm_rows(rows, g, h, hp, h, wtp, g, hhp, g, true);  // U h (+ b_hh)
         }
         const int64_t row = start + r0;
-        step_forward<M, T>(rows, h, xp + row * g, bx.data_ptr<float>(), hh_b.data_ptr<float>(), hp,
+        step_forward<M, T>(rows, h, xp + row * g, bx.data_ptr<float>(), hhp, hp,
                            attp ? attp + row : nullptr, sig.data_ptr<float>() + row * ns * h,
                            cand.data_ptr<float>() + row * h, hh_n.data_ptr<float>() + row * h,
                            out.data_ptr<float>() + row * h);
@@ -260,10 +263,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const std::opt
                             attp ? attp + row : nullptr, dx.data_ptr<T>() + row * g, dhh.data_ptr<float>() + row * g,
                             dbx_parts.data_ptr<float>() + q * g, att ? datt.data_ptr<float>() + row : nullptr,
                             dprev);
-        if (t > 0) {
-          at::Tensor prev = dh_all.narrow(0, starts[t - 1] + r0, rows);
-          prev.addmm_(dhh.narrow(0, row, rows), weight_hh);  // through U h
-        }
+        if (t > 0)  // through U h
+          din_gemm::gemm_rows(rows, h, g, dhh.data_ptr<float>() + row * g, g, weight_hh.data_ptr<float>(), h,
+                              dhp + (starts[t - 1] + r0) * h, h, true);
       }
     });
   }

@@ -1,0 +1,42 @@
+// Row-major float32 matrix products for the kernels' many small matmuls, through oneDNN's BRGEMM micro-kernel
+// (ATen's at::native::cpublas::brgemm) instead of at::mm.
+//
+// Why: ATen sends a float32 at::mm to MKL, and MKL runs its AVX2 code on AMD CPUs. On this project's machine
+// (AMD EPYC, Zen 5, AVX-512) MKL's sgemm peaks at ~110 GFLOP/s on one core, while oneDNN's BRGEMM, which
+// dispatches on the CPU's instruction sets rather than its vendor, runs the same products at ~250 GFLOP/s
+// (measured: [520, 32] x [32, 96] 30.2 -> 12.3 us, [520, 96] x [96, 32] 32.0 -> 12.3 us, [26000, 32] x
+// [32, 96] 1.65 -> 0.65 ms). With K <= 96 the sums run in the same order, so results match MKL's.
+//
+// The micro-kernel is JIT-generated per shape and cached per thread (by ATen), so rows go in blocks of
+// kGemmRowBlock: at most kGemmRowBlock distinct kernels per (N, K, leading dimensions) whatever the row counts,
+// at ~50 us each to generate, once. Where oneDNN's micro-kernels are unavailable (a build without them, a CPU
+// without AVX2, or torch.backends.mkldnn disabled) ATen falls back to its BLAS gemm: same results, the old
+// speed.
+#pragma once
+
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace din_gemm {
+
+constexpr int64_t kGemmRowBlock = 128;
+
+// C[m, n] = (accumulate ? C : 0) + A[m, k] B[k, n]; all row-major with leading dimensions lda, ldb, ldc.
+inline void gemm_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                      float* c, int64_t ldc, bool accumulate) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
+    return;
+  }
+  for (int64_t r = 0; r < m; r += kGemmRowBlock) {
+    const int64_t rows = std::min(kGemmRowBlock, m - r);
+    at::native::cpublas::brgemm(rows, n, k, lda, ldb, ldc, accumulate, a + r * lda, b, c + r * ldc, false);
+  }
+}
+
+}  // namespace din_gemm
