@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from din_torchrec.modules.activations import apply_reference, make_activation
+from din_torchrec.ops.linear import linear, native_linear_usable
 
 # Row counts of jagged activations (N behaviours per batch) change every batch. Under bf16 autocast on the
 # CPU, matmuls run through oneDNN, which builds (JIT-compiles) and caches a primitive per shape: each new row
@@ -36,6 +37,15 @@ def row_bucketed(fn, x: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
         return fn(x, *more)
     padded = [torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (x, *more)]
     return fn(*padded)[:n]
+
+
+def apply_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` on rows ``x: [N, I]``: in float32 on the CPU through the native kernel
+    (:func:`~din_torchrec.ops.linear.linear`: oneDNN's BRGEMM instead of MKL's AVX2 sgemm on AMD CPUs), under
+    bf16 padded to row buckets (:func:`row_bucketed`)."""
+    if native_linear_usable(x, layer.weight):
+        return linear(x, layer.weight, layer.bias)
+    return row_bucketed(layer, x)
 
 
 class MLP(nn.Module):
@@ -79,7 +89,7 @@ class MLP(nn.Module):
         """The layers from ``self.layers[start]`` on (a caller that computed the first ones itself, e.g. a
         split first layer, continues here)."""
         for layer in self.layers[start:]:
-            x = row_bucketed(layer, x) if isinstance(layer, nn.Linear) else layer(x)
+            x = apply_linear(layer, x) if isinstance(layer, nn.Linear) else layer(x)
         return x
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:

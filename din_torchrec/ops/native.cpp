@@ -1,9 +1,10 @@
 // The project's native CPU kernels as one extension module (one build): see dice_kernel.h, jagged_kernel.h,
-// lau_kernel.h, pair_loss_kernel.h, recurrence_kernel.h, tbe_backward_kernel.h and tbe_forward_kernel.h;
+// lau_kernel.h, linear_kernel.h, pair_loss_kernel.h, recurrence_kernel.h, tbe_backward_kernel.h and tbe_forward_kernel.h;
 // loaded by din_torchrec/ops/native.py.
 #include "dice_kernel.h"
 #include "jagged_kernel.h"
 #include "lau_kernel.h"
+#include "linear_kernel.h"
 #include "pair_loss_kernel.h"
 #include "recurrence_kernel.h"
 #include "tbe_backward_kernel.h"
@@ -29,6 +30,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lau_first_backward", &lau_first_backward, "its backward: db, dc, da_t, dp_t, dk");
   m.def("weighted_segment_sum", &weighted_segment_sum, "sum over each sample's rows of w b");
   m.def("weighted_segment_sum_backward", &weighted_segment_sum_backward, "grad_b, grad_w");
+  m.def("linear_forward", &linear_forward, "float32 x W^T + b through oneDNN BRGEMM (row blocks among threads)");
+  m.def("linear_backward", &linear_backward, "its backward: dx, dW");
   m.def("pair_loss_chunks", &pair_loss_chunks,
         "DIEN's auxiliary pair loss, chunk loop: loss, g_hs, g_x, g_w..., g_b... (chunks shared among threads)");
   m.def("recurrence_forward", &recurrence_forward, "packed gated recurrence: out, sig, cand, hh_n");

@@ -1,5 +1,5 @@
 """The native CPU kernels (``native.cpp``: ``dice_kernel.h``, ``jagged_kernel.h``, ``lau_kernel.h``,
-``pair_loss_kernel.h``, ``recurrence_kernel.h``, ``tbe_backward_kernel.h``, ``tbe_forward_kernel.h``) as one
+``linear_kernel.h``, ``pair_loss_kernel.h``, ``recurrence_kernel.h``, ``tbe_backward_kernel.h``, ``tbe_forward_kernel.h``) as one
 extension module, built on first use with the host's C++ compiler (``torch.utils.cpp_extension``).
 
 The first build takes about 20-30 s and is cached under ``TORCH_EXTENSIONS_DIR`` (default
@@ -31,6 +31,7 @@ _SOURCES = (
     "dice_kernel.h",
     "jagged_kernel.h",
     "lau_kernel.h",
+    "linear_kernel.h",
     "pair_loss_kernel.h",
     "recurrence_kernel.h",
     "small_gemm.h",

@@ -278,7 +278,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const std::opt
     int64_t* ip = index.data_ptr<int64_t>();
     for (size_t t = 1; t < steps.size(); ++t)
       for (int64_t i = 0; i < steps[t]; ++i) *ip++ = starts[t - 1] + i;
-    dweight = at::mm(dhh.narrow(0, first, n_rows - first).t(), out.index_select(0, index));
+    const at::Tensor prev_rows = out.index_select(0, index);
+    dweight = din_gemm::gemm_at_b(n_rows - first, g, h, dhh.data_ptr<float>() + first * g,
+                                  prev_rows.data_ptr<float>(), out.options());
   } else {
     dweight = at::zeros({g, h}, out.options());
   }

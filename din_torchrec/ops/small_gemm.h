@@ -14,11 +14,14 @@
 // speed.
 #pragma once
 
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace din_gemm {
 
@@ -37,6 +40,36 @@ inline void gemm_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t l
     const int64_t rows = std::min(kGemmRowBlock, m - r);
     at::native::cpublas::brgemm(rows, n, k, lda, ldb, ldc, accumulate, a + r * lda, b, c + r * ldc, false);
   }
+}
+
+// A^T B for row-aligned A [m, o] and B [m, n] (row-major, contiguous): the [o, n] sum over rows of their outer
+// products, i.e. a weight gradient. The rows go in blocks of kGemmRowBlock, contiguous runs of blocks per thread;
+// each block's A^T is written into a per-thread [o, kGemmRowBlock] buffer (the micro-kernel takes its left-hand
+// side row-major), and the threads' partial sums are added in thread order: the same result for a given thread
+// count. Returns a float32 [o, n] tensor.
+inline at::Tensor gemm_at_b(int64_t m, int64_t o, int64_t n, const float* a, const float* b,
+                            const at::TensorOptions& options) {
+  constexpr int64_t kb = kGemmRowBlock;
+  const int64_t blocks = (m + kb - 1) / kb;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  at::Tensor parts = at::zeros({threads, o, n}, options);
+  float* pp = parts.data_ptr<float>();
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> at_blk(o * kb);
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t k = blocks * t / threads; k < blocks * (t + 1) / threads; ++k) {
+        const int64_t r0 = k * kb, rows = std::min(kb, m - r0);
+        for (int64_t j = 0; j < o; ++j) {
+          float* dst = at_blk.data() + j * kb;
+          for (int64_t i = 0; i < rows; ++i) dst[i] = a[(r0 + i) * o + j];
+        }
+        gemm_rows(o, n, rows, at_blk.data(), kb, b + r0 * n, n, pp + t * o * n, n, true);
+      }
+    }
+  });
+  at::Tensor out = parts[0];
+  for (int64_t t = 1; t < threads; ++t) out = out + parts[t];
+  return out;
 }
 
 }  // namespace din_gemm
