@@ -32,8 +32,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("weighted_segment_sum_backward", &weighted_segment_sum_backward, "grad_b, grad_w");
   m.def("linear_forward", &linear_forward, "float32 x W^T + b through oneDNN BRGEMM (row blocks among threads)");
   m.def("linear_backward", &linear_backward, "its backward: dx, dW");
-  m.def("pair_loss_chunks", &pair_loss_chunks,
-        "DIEN's auxiliary pair loss, chunk loop: loss, g_hs, g_x, g_w..., g_b... (chunks shared among threads)");
+  m.def("pair_loss_fused", &pair_loss_fused,
+        "DIEN's auxiliary pair loss, forward and backward in blocks of rows: loss, g_hs, g_x, g_w..., g_b...");
   m.def("recurrence_forward", &recurrence_forward, "packed gated recurrence: out, sig, cand, hh_n");
   m.def("recurrence_backward", &recurrence_backward, "packed gated recurrence backward: dx, datt, dweight, dbias, dinput_bias");
   m.def("nobag_rowwise_adagrad_backward", &nobag_rowwise_adagrad_backward,

@@ -1,129 +1,414 @@
-// DIEN's auxiliary pair loss (sigmoid MLP scorer): the chunk loop of din_torchrec/ops/pair_loss.py
-// (_SigmoidMLPPairLoss.forward) in C++, the same ATen calls in the same order, with the chunks shared among
-// torch's intra-op threads.
+// DIEN's auxiliary pair loss with its sigmoid MLP scorer, forward and backward in one pass over blocks of rows,
+// for the CPU (din_torchrec/ops/pair_loss.py: _SigmoidMLPPairLoss; its PyTorch chunk loop _chunk_loop is the
+// GPU's path and the reference).
 //
-// Why: each chunk is ~45 ATen calls on [4096, <=100] tensors. From Python each call paid its dispatch (~600
-// calls per DIEN step), and with two threads every small matmul was forked over both and joined again (the
-// step's matmuls ran 1.2x faster with two threads than with one). Here a chunk runs start to end on one
-// thread (ATen calls inside a parallel region run single-threaded) and the threads take whole chunks.
+// Why: the PyTorch loop (and its first C++ version, the same ATen calls from C++) spent half its time outside
+// the matmuls -- bf16 casts, sigmoid passes, copies of each [4096, 100] chunk's activations, column sums --
+// and its matmuls went through oneDNN's matmul primitive, which reorders its operands on every call. Here each
+// block of kBlock target rows (2 kBlock scored rows: positives and negatives) runs through the whole net and
+// straight back while it sits in L1 / L2: the products through oneDNN's BRGEMM micro-kernel (bf16 x bf16 -> f32
+// on AVX512-BF16, or f32), every element-wise step (bias, sigmoid, the loss, the sigmoid's derivative, column
+// sums) in one loop over the block that also writes the next product's operands in the layouts the
+// micro-kernel takes (row-major for a left-hand side; for a right-hand side, row-major in float32 and pairs of
+// rows interleaved -- "VNNI" -- in bf16). The pre-activations, logits and every sum stay float32; the
+// activations, and the gradients fed into products, are rounded to the compute type (bf16 under autocast) as a
+// bf16 matmul's operands are.
 //
-// Determinism: chunks go to threads in contiguous runs (at::parallel_for's static split); each thread sums its
-// chunks' loss and weight / bias gradients in its own float32 buffers, and those are added in thread order. With
-// one thread that is exactly the Python loop's order and arithmetic (a test compares them bit for bit); with
-// more, the result is the same for a given thread count. Rows of g_hs / g_x belong to one chunk each.
+// Determinism: blocks go to threads in contiguous runs; each thread sums its blocks' loss and weight / bias
+// gradients in its own float32 buffers, added in thread order at the end: the same result for a given thread
+// count. Rows of g_hs / g_x belong to one block each.
 #pragma once
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <c10/util/BFloat16.h>
 
+#include "kernel_math.h"
+#include "small_gemm.h"
+
+#include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace din_pair_loss {
 
-struct Partial {
-  at::Tensor loss;
-  std::vector<at::Tensor> g_w, g_b;
-};
+using din_ops::sigmoid;
 
-}  // namespace din_pair_loss
+constexpr int64_t kBlock = 64;  // target rows per block (measured: see pair_loss.py, BLOCK_ROWS)
 
-// hs [rows, H] (state j - 1 in row j, zero rows after n), behaviours / negatives [n, D], mask [rows] (acc dtype:
-// 1 for a pair's target row), weights / biases of the scorer's layers in the compute dtype. Returns
-// {loss, g_hs [rows, H], g_x [2, rows, D], g_w..., g_b...}: the loss summed over the pairs' softplus terms (not
-// yet divided by the pair count) and the gradients of the mean (scale = 1 / pairs) -- or {loss} alone when
-// grads is false.
-inline std::vector<at::Tensor> pair_loss_chunks(at::Tensor hs, at::Tensor behaviours, at::Tensor negatives,
-                                                at::Tensor mask, std::vector<at::Tensor> weights,
-                                                std::vector<at::Tensor> biases, int64_t n, int64_t c, double scale,
-                                                bool grads) {
-  using din_pair_loss::Partial;
-  TORCH_CHECK(hs.device().is_cpu() && hs.dim() == 2 && hs.is_contiguous(), "pair loss: hs must be [rows, H]");
-  TORCH_CHECK(weights.size() == biases.size() && weights.size() >= 2, "pair loss: need >= 2 layers");
-  TORCH_CHECK(c > 0 && hs.size(0) % c == 0 && hs.size(0) >= n, "pair loss: rows must be chunks of c rows");
-  const int64_t rows = hs.size(0), h = hs.size(1), d = behaviours.size(1), k = weights.size();
-  const int64_t num_chunks = rows / c;
-  const auto dtype = hs.scalar_type();
-  const auto acc = mask.scalar_type();
-  const at::TensorOptions opt = hs.options(), acc_opt = mask.options();
-  const at::Tensor w_h = weights[0].narrow(1, 0, h), w_e = weights[0].narrow(1, h, d);
-  const at::Tensor w_h_t = w_h.t(), w_e_t = w_e.t();
-  at::Tensor g_hs, g_x;
-  if (grads) {
-    g_hs = at::empty({rows, h}, opt);
-    g_x = at::empty({2, rows, d}, opt);
+template <typename T>
+constexpr bool kVnni = std::is_same_v<T, c10::BFloat16>;
+
+// Index of element (k, n) of a [K, N] right-hand side in the micro-kernel's layout.
+template <typename T>
+inline int64_t b_index(int64_t k, int64_t n, int64_t cols) {
+  if constexpr (kVnni<T>) return ((k >> 1) * cols + n) * 2 + (k & 1);
+  else return k * cols + n;
+}
+
+// C[m, n] (+)= A[m, k] B[k, n]: A row-major (leading dimension lda), B in b_index's layout.
+template <typename T>
+inline void mm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, float* c, int64_t ldc,
+               bool accumulate) {
+  if constexpr (kVnni<T>) at::native::cpublas::brgemm(m, n, k, lda, n, ldc, accumulate, a, b, c, true);
+  else din_gemm::gemm_rows(m, n, k, a, lda, b, n, c, ldc, accumulate);
+}
+
+// A [K, N] right-hand side from get(k, n), in b_index's layout.
+template <typename T, typename Get>
+std::vector<T> pack_b(int64_t k, int64_t n, Get get) {
+  std::vector<T> out(k * n);
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j < n; ++j) out[b_index<T>(i, j, n)] = static_cast<T>(get(i, j));
+  return out;
+}
+
+inline float softplus(float x) { return std::max(x, 0.0f) + std::log1p(std::exp(-std::abs(x))); }
+
+// The element-wise loops below are split so that each vectorises (GCC: the float math, exp through libmvec,
+// in one loop; conversions and layout changes in others): one loop doing all of it with a strided store ran
+// scalar, with a scalar expf per element (measured: the bf16 block loop 2x slower than the PyTorch one).
+
+// dst[i] = T(src[i]).
+template <typename T>
+inline void to_type(const float* __restrict__ src, T* __restrict__ dst, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// Rows [rows, cols] (row-major, rows even for bf16) into the right-hand-side layout (b_index); float32's is the
+// same layout, so only bf16 calls this.
+inline void to_vnni(const c10::BFloat16* __restrict__ src, c10::BFloat16* __restrict__ dst, int64_t rows,
+                    int64_t cols) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint16_t* o = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t p = 0; p < rows / 2; ++p) {
+    const uint16_t* __restrict__ r0 = s + 2 * p * cols;
+    const uint16_t* __restrict__ r1 = r0 + cols;
+    uint16_t* __restrict__ out = o + 2 * p * cols;
+    // As 32-bit words: word c = r0[c] | r1[c] << 16 (little-endian: r0[c] first), which vectorises.
+    uint32_t* __restrict__ words = reinterpret_cast<uint32_t*>(out);
+    for (int64_t c = 0; c < cols; ++c) words[c] = uint32_t(r0[c]) | (uint32_t(r1[c]) << 16);
   }
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_chunks));
-  std::vector<Partial> parts(threads);
-  for (Partial& p : parts) {
-    p.loss = at::zeros({}, acc_opt);
-    if (grads) {
-      for (int64_t j = 0; j < k; ++j) {
-        p.g_w.push_back(at::zeros(weights[j].sizes(), acc_opt));
-        p.g_b.push_back(at::zeros(biases[j].sizes(), acc_opt));
-      }
+}
+
+// T(src) transposed: src [rows, cols] float32 row-major -> dst [cols, ld] (dst[c * ld + r] = T(src[r * cols + c])).
+// Rows in tiles of 16 so that each tile's loads stay in L1 while its 16-element output runs are written whole.
+template <typename T>
+inline void transpose_to(const float* __restrict__ src, T* __restrict__ dst, int64_t rows, int64_t cols,
+                         int64_t ld) {
+  constexpr int64_t kTile = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    const int64_t re = std::min(rows, r0 + kTile);
+    for (int64_t c = 0; c < cols; ++c) {
+      T* __restrict__ out = dst + c * ld;
+      for (int64_t r = r0; r < re; ++r) out[r] = static_cast<T>(src[r * cols + c]);
     }
   }
+}
+
+// The right-hand-side form of row-major rows: the rows themselves for float32, a VNNI copy in buf for bf16.
+template <typename T>
+inline const T* as_b(const T* rows_ptr, std::vector<T>& buf, int64_t rows, int64_t cols) {
+  if constexpr (kVnni<T>) {
+    to_vnni(rows_ptr, buf.data(), rows, cols);
+    return buf.data();
+  } else {
+    return rows_ptr;
+  }
+}
+
+// Per-thread accumulators and block buffers.
+template <typename T>
+struct Work {
+  double loss = 0.0;
+  std::vector<std::vector<float>> gw, gb;  // layer 0's weight gradient as [L0, H + D]
+  std::vector<float> gw0h, gw0e;           // layer 0's state / behaviour halves, [L0, H] and [L0, D]
+  std::vector<T> hs, hs_b, x, x_b;         // the block's inputs: row-major and right-hand-side (bf16) layouts
+  std::vector<float> s, z, logit, dl, da, dzf, out;
+  std::vector<std::vector<T>> act;         // each hidden layer's activations, row-major
+  std::vector<T> act_b;                    // one of them in the right-hand-side layout (bf16)
+  std::vector<T> dz, dz_t, ds, ds_t;        // gradients fed into products: row-major and transposed
+};
+
+template <typename T>
+std::vector<at::Tensor> fused_impl(const at::Tensor& hs, const at::Tensor& behaviours, const at::Tensor& negatives,
+                                   const at::Tensor& mask, const std::vector<at::Tensor>& weights,
+                                   const std::vector<at::Tensor>& biases, double scale, bool grads) {
+  const int64_t n = hs.size(0), h = hs.size(1), d = behaviours.size(1), k = weights.size();
+  std::vector<int64_t> width(k);  // output width of each layer; width[k - 1] == 1
+  for (int64_t j = 0; j < k; ++j) width[j] = weights[j].size(0);
+  const int64_t l0 = width[0], last_in = width[k - 2];
+  int64_t wmax = 0;
+  for (int64_t j = 0; j < k - 1; ++j) wmax = std::max(wmax, width[j]);
+  wmax = std::max({wmax, h, d});
+
+  // Weights as float for reading, packed once as right-hand sides.
+  std::vector<at::Tensor> wf, bf;
+  for (int64_t j = 0; j < k; ++j) {
+    wf.push_back(weights[j].to(at::kFloat).contiguous());
+    bf.push_back(biases[j].to(at::kFloat).contiguous());
+  }
+  const float* w0 = wf[0].data_ptr<float>();
+  const int64_t in0 = h + d;
+  const std::vector<T> b_h = pack_b<T>(h, l0, [&](int64_t i, int64_t j) { return w0[j * in0 + i]; });
+  const std::vector<T> b_e = pack_b<T>(d, l0, [&](int64_t i, int64_t j) { return w0[j * in0 + h + i]; });
+  const std::vector<T> bb_h = pack_b<T>(l0, h, [&](int64_t i, int64_t j) { return w0[i * in0 + j]; });
+  const std::vector<T> bb_e = pack_b<T>(l0, d, [&](int64_t i, int64_t j) { return w0[i * in0 + h + j]; });
+  std::vector<std::vector<T>> bf_mid(k), bb_mid(k);  // layers 1 .. k - 2: forward (W^T) and backward (W)
+  for (int64_t j = 1; j < k - 1; ++j) {
+    const float* w = wf[j].data_ptr<float>();
+    const int64_t in = width[j - 1], o = width[j];
+    bf_mid[j] = pack_b<T>(in, o, [&](int64_t a, int64_t b) { return w[b * in + a]; });
+    bb_mid[j] = pack_b<T>(o, in, [&](int64_t a, int64_t b) { return w[a * in + b]; });
+  }
+  const float* w_last = wf[k - 1].data_ptr<float>();
+  const float b_last = bf[k - 1].data_ptr<float>()[0];
+
+  const T* hsp = hs.data_ptr<T>();
+  const T* bp = behaviours.data_ptr<T>();
+  const T* np = negatives.data_ptr<T>();
+  const float* mp = mask.data_ptr<float>();
+  at::Tensor g_hs, g_x;
+  if (grads) {
+    g_hs = at::empty({n, h}, hs.options());
+    g_x = at::empty({2, n, d}, hs.options());
+  }
+  T* ghp = grads ? g_hs.data_ptr<T>() : nullptr;
+  T* gxp = grads ? g_x.data_ptr<T>() : nullptr;
+
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  std::vector<Work<T>> works(threads);
+  constexpr int64_t r2 = 2 * kBlock;  // scored rows of a full block; leading dimension of transposed buffers
+
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads must not record the weights' graph
     for (int64_t t = t0; t < t1; ++t) {
-      Partial& part = parts[t];
-      at::Tensor x = at::zeros({2 * c, d}, opt);
-      at::Tensor z = at::empty({2 * c, weights[0].size(0)}, opt);
-      at::Tensor dz = at::zeros({2 * c, 1}, opt);
-      for (int64_t i = num_chunks * t / threads; i < num_chunks * (t + 1) / threads; ++i) {
-        const int64_t r0 = i * c, r1 = std::min((i + 1) * c, n), m = std::max<int64_t>(r1 - r0, 0);
-        if (m > 0) {
-          x.narrow(0, 0, m).copy_(behaviours.narrow(0, r0, m));
-          x.narrow(0, c, m).copy_(negatives.narrow(0, r0, m));
+      Work<T>& w = works[t];
+      w.hs.assign(kBlock * h, T(0));
+      w.hs_b.assign(kBlock * h, T(0));
+      w.x.assign(r2 * d, T(0));
+      w.x_b.assign(r2 * d, T(0));
+      w.s.resize(kBlock * l0);
+      w.z.resize(r2 * wmax);
+      w.logit.resize(r2);
+      w.dl.resize(r2);
+      w.da.resize(r2 * wmax);
+      w.dzf.resize(r2 * l0);
+      w.out.resize(r2 * wmax);
+      w.act.assign(k - 1, {});
+      for (int64_t j = 0; j < k - 1; ++j) w.act[j].resize(r2 * width[j]);
+      w.act_b.resize(r2 * wmax);
+      w.dz.resize(r2 * wmax);
+      w.dz_t.resize(wmax * r2);
+      w.ds.resize(kBlock * l0);
+      w.ds_t.resize(l0 * kBlock);
+      if (grads) {
+        w.gw.assign(k, {});
+        w.gb.assign(k, {});
+        for (int64_t j = 1; j < k; ++j) {
+          w.gw[j].assign(width[j] * width[j - 1], 0.0f);
+          w.gb[j].assign(width[j], 0.0f);
         }
-        if (m < c) {
-          x.narrow(0, m, c - m).zero_();
-          x.narrow(0, c + m, c - m).zero_();
+        w.gb[0].assign(l0, 0.0f);
+        w.gw0h.assign(l0 * h, 0.0f);
+        w.gw0e.assign(l0 * d, 0.0f);
+      }
+      for (int64_t blk = blocks * t / threads; blk < blocks * (t + 1) / threads; ++blk) {
+        const int64_t r0 = blk * kBlock, m = std::min(kBlock, n - r0);
+        const int64_t mp2 = m + (m & 1);  // rows rounded up to even: bf16 right-hand sides pair rows
+        const int64_t rows = 2 * mp2;     // scored rows: positives [0, mp2), negatives [mp2, 2 mp2)
+        // Inputs (a zero row pads an odd block: its mask is 0, so it adds nothing to any gradient).
+        std::copy(hsp + r0 * h, hsp + (r0 + m) * h, w.hs.data());
+        std::copy(bp + r0 * d, bp + (r0 + m) * d, w.x.data());
+        std::copy(np + r0 * d, np + (r0 + m) * d, w.x.data() + mp2 * d);
+        if (m < mp2) {
+          std::fill(w.hs.data() + m * h, w.hs.data() + mp2 * h, T(0));
+          std::fill(w.x.data() + m * d, w.x.data() + mp2 * d, T(0));
+          std::fill(w.x.data() + (mp2 + m) * d, w.x.data() + rows * d, T(0));
         }
-        const at::Tensor hc = hs.narrow(0, r0, c);
-        const at::Tensor s = at::addmm(biases[0], hc, w_h_t);
-        z.narrow(0, 0, c).copy_(s);
-        z.narrow(0, c, c).copy_(s);
-        std::vector<at::Tensor> acts{x, z.addmm_(x, w_e_t).sigmoid_()};
-        for (int64_t j = 1; j < k - 1; ++j) acts.push_back(at::addmm(biases[j], acts.back(), weights[j].t()).sigmoid_());
-        const at::Tensor logits = at::addmm(biases[k - 1], acts.back(), weights[k - 1].t()).squeeze(1).to(acc);
-        const at::Tensor mc = mask.narrow(0, r0, c);
-        part.loss.add_((at::softplus(-logits.narrow(0, 0, c)) * mc).sum() + (at::softplus(logits.narrow(0, c, c)) * mc).sum());
+        // Layer 0: the state side once for both halves, the behaviour side for all rows.
+        mm<T>(mp2, l0, h, w.hs.data(), h, b_h.data(), w.s.data(), l0, false);
+        mm<T>(rows, l0, d, w.x.data(), d, b_e.data(), w.z.data(), l0, false);
+        {
+          const float* b0 = bf[0].data_ptr<float>();
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* __restrict__ sr = w.s.data() + (r % mp2) * l0;
+            const float* __restrict__ zr = w.z.data() + r * l0;
+            T* __restrict__ ar = w.act[0].data() + r * l0;
+            for (int64_t c = 0; c < l0; ++c) ar[c] = static_cast<T>(sigmoid(zr[c] + sr[c] + b0[c]));
+          }
+        }
+        for (int64_t j = 1; j < k - 1; ++j) {
+          const int64_t in = width[j - 1], o = width[j];
+          mm<T>(rows, o, in, w.act[j - 1].data(), in, bf_mid[j].data(), w.z.data(), o, false);
+          const float* __restrict__ bj = bf[j].data_ptr<float>();
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* __restrict__ zr = w.z.data() + r * o;
+            T* __restrict__ ar = w.act[j].data() + r * o;
+            for (int64_t c = 0; c < o; ++c) ar[c] = static_cast<T>(sigmoid(zr[c] + bj[c]));
+          }
+        }
+        // Output layer (one unit): a dot product per row; the loss over the block's real pairs.
+        const T* a_last = w.act[k - 2].data();
+        for (int64_t r = 0; r < rows; ++r) {
+          float acc = b_last;
+          for (int64_t c = 0; c < last_in; ++c) acc += din_ops::to_float(a_last[r * last_in + c]) * w_last[c];
+          w.logit[r] = acc;
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          const float mk = mp[r0 + i];
+          w.loss += mk * (softplus(-w.logit[i]) + softplus(w.logit[mp2 + i]));
+        }
         if (!grads) continue;
-        const at::Tensor p = at::sigmoid(logits);
-        dz.select(1, 0).narrow(0, 0, c).copy_((p.narrow(0, 0, c) - 1) * mc * scale);
-        dz.select(1, 0).narrow(0, c, c).copy_(p.narrow(0, c, c) * mc * scale);
-        at::Tensor grad = dz;
-        for (int64_t j = k - 1; j > 0; --j) {
-          part.g_w[j].add_(grad.t().mm(acts[j]));
-          part.g_b[j].add_(grad.sum(at::IntArrayRef{0}, false, acc));
-          grad = at::sigmoid_backward(grad.mm(weights[j]), acts[j]);
+
+        // Backward. d loss / d logit for a gradient of 1 of the mean: (p - 1) / pairs on positives, p / pairs on
+        // negatives, 0 on unpaired rows.
+        for (int64_t i = 0; i < mp2; ++i) {
+          const float mk = i < m ? mp[r0 + i] * static_cast<float>(scale) : 0.0f;
+          w.dl[i] = (sigmoid(w.logit[i]) - 1.0f) * mk;
+          w.dl[mp2 + i] = sigmoid(w.logit[mp2 + i]) * mk;
         }
-        const at::Tensor ds = grad.narrow(0, 0, c) + grad.narrow(0, c, c);
-        part.g_w[0].narrow(1, 0, h).add_(ds.t().mm(hc));
-        part.g_w[0].narrow(1, h, d).add_(grad.t().mm(x));
-        part.g_b[0].add_(ds.sum(at::IntArrayRef{0}, false, acc));
-        at::Tensor g_hs_c = g_hs.narrow(0, r0, c);
-        at::mm_out(g_hs_c, ds, w_h);
-        const at::Tensor dx = grad.mm(w_e);
-        g_x.select(0, 0).narrow(0, r0, c).copy_(dx.narrow(0, 0, c));
-        g_x.select(0, 1).narrow(0, r0, c).copy_(dx.narrow(0, c, c));
+        // Output layer: its weight and bias gradients; the gradient of the last hidden pre-activation (float32
+        // in da, then rounded into dz and its transpose).
+        {
+          float* __restrict__ gw = w.gw[k - 1].data();
+          float* __restrict__ gb = w.gb[k - 2].data();  // the last hidden layer's bias
+          const int64_t o = last_in;
+          float gbl = 0.0f;
+          for (int64_t r = 0; r < rows; ++r) {
+            const float g = w.dl[r];
+            const T* __restrict__ ar = a_last + r * o;
+            float* __restrict__ dr = w.da.data() + r * o;
+            T* __restrict__ zr = w.dz.data() + r * o;
+            gbl += g;
+            for (int64_t c = 0; c < o; ++c) {
+              const float a = din_ops::to_float(ar[c]);
+              gw[c] += g * a;
+              const float v = g * w_last[c] * a * (1.0f - a);
+              gb[c] += v;
+              dr[c] = v;
+              zr[c] = static_cast<T>(v);
+            }
+          }
+          w.gb[k - 1][0] += gbl;
+          transpose_to<T>(w.da.data(), w.dz_t.data(), rows, o, r2);
+          if (k == 2) std::copy(w.da.data(), w.da.data() + rows * o, w.dzf.data());
+        }
+        // Hidden layers k - 2 .. 1: weight gradient, then the gradient of the layer below's pre-activation.
+        for (int64_t j = k - 2; j >= 1; --j) {
+          const int64_t in = width[j - 1], o = width[j];
+          const T* a_b = as_b<T>(w.act[j - 1].data(), w.act_b, rows, in);
+          mm<T>(o, in, rows, w.dz_t.data(), r2, a_b, w.gw[j].data(), in, true);
+          mm<T>(rows, in, o, w.dz.data(), o, bb_mid[j].data(), w.da.data(), in, false);
+          float* __restrict__ gb = w.gb[j - 1].data();
+          for (int64_t r = 0; r < rows; ++r) {
+            const T* __restrict__ ar = w.act[j - 1].data() + r * in;
+            float* __restrict__ dr = w.da.data() + r * in;
+            T* __restrict__ zr = w.dz.data() + r * in;
+            for (int64_t c = 0; c < in; ++c) {
+              const float av = din_ops::to_float(ar[c]);
+              const float v = dr[c] * av * (1.0f - av);
+              gb[c] += v;
+              dr[c] = v;
+              zr[c] = static_cast<T>(v);
+            }
+          }
+          transpose_to<T>(w.da.data(), w.dz_t.data(), rows, in, r2);
+          if (j == 1) std::copy(w.da.data(), w.da.data() + rows * in, w.dzf.data());
+        }
+        // Layer 0 (dz holds its pre-activation's gradient, [rows, L0]): the behaviour half of the weight
+        // gradient over all rows; the state half from the two halves' sum ds (both scored rows share the state).
+        mm<T>(l0, d, rows, w.dz_t.data(), r2, as_b<T>(w.x.data(), w.x_b, rows, d), w.gw0e.data(), d, true);
+        for (int64_t i = 0; i < mp2; ++i) {
+          const float* __restrict__ p = w.dzf.data() + i * l0;
+          const float* __restrict__ q = w.dzf.data() + (mp2 + i) * l0;
+          float* __restrict__ o = w.da.data() + i * l0;
+          T* __restrict__ ds = w.ds.data() + i * l0;
+          for (int64_t c = 0; c < l0; ++c) {
+            o[c] = p[c] + q[c];
+            ds[c] = static_cast<T>(o[c]);
+          }
+        }
+        transpose_to<T>(w.da.data(), w.ds_t.data(), mp2, l0, kBlock);
+        mm<T>(l0, h, mp2, w.ds_t.data(), kBlock, as_b<T>(w.hs.data(), w.hs_b, mp2, h), w.gw0h.data(), h, true);
+        mm<T>(mp2, h, l0, w.ds.data(), l0, bb_h.data(), w.out.data(), h, false);
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t c = 0; c < h; ++c) ghp[(r0 + i) * h + c] = static_cast<T>(w.out[i * h + c]);
+        mm<T>(rows, d, l0, w.dz.data(), l0, bb_e.data(), w.out.data(), d, false);
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t c = 0; c < d; ++c) {
+            gxp[(r0 + i) * d + c] = static_cast<T>(w.out[i * d + c]);
+            gxp[(n + r0 + i) * d + c] = static_cast<T>(w.out[(mp2 + i) * d + c]);
+          }
       }
     }
   });
-  at::Tensor loss = parts[0].loss;
-  for (int64_t t = 1; t < threads; ++t) loss = loss + parts[t].loss;
-  if (!grads) return {loss};
-  std::vector<at::Tensor> out{loss, g_hs, g_x};
+
+  const at::TensorOptions f32 = mask.options();
+  double loss = 0.0;
+  for (const Work<T>& w : works) loss += w.loss;
+  std::vector<at::Tensor> out{at::full({}, loss, f32)};
+  if (!grads) return out;
+  out.push_back(g_hs);
+  out.push_back(g_x);
   for (int64_t j = 0; j < k; ++j) {
-    at::Tensor w = parts[0].g_w[j];
-    for (int64_t t = 1; t < threads; ++t) w = w + parts[t].g_w[j];
-    out.push_back(w);
+    at::Tensor sum;
+    for (const Work<T>& w : works) {
+      at::Tensor part;
+      if (j == 0) {
+        part = at::cat({at::from_blob(const_cast<float*>(w.gw0h.data()), {l0, h}, f32),
+                        at::from_blob(const_cast<float*>(w.gw0e.data()), {l0, d}, f32)}, 1);
+      } else {
+        part = at::from_blob(const_cast<float*>(w.gw[j].data()), {width[j], width[j - 1]}, f32).clone();
+      }
+      sum = sum.defined() ? sum + part : part;
+    }
+    out.push_back(sum);
   }
   for (int64_t j = 0; j < k; ++j) {
-    at::Tensor b = parts[0].g_b[j];
-    for (int64_t t = 1; t < threads; ++t) b = b + parts[t].g_b[j];
-    out.push_back(b);
+    at::Tensor sum;
+    for (const Work<T>& w : works) {
+      at::Tensor part = at::from_blob(const_cast<float*>(w.gb[j].data()), {width[j]}, f32).clone();
+      sum = sum.defined() ? sum + part : part;
+    }
+    out.push_back(sum);
   }
   return out;
+}
+
+}  // namespace din_pair_loss
+
+// hs [n, H] (state j - 1 in row j, row 0 zeros), behaviours / negatives [n, D], all of the compute type (float32
+// or bfloat16); mask [n] float32 (1 for a pair's target row); the scorer's weights [L_j, in_j] and biases (any
+// float type; read as float32). Returns {loss, g_hs [n, H], g_x [2, n, D], g_w... , g_b...}: the loss summed over
+// the pairs' softplus terms (not yet divided by the pair count), the input gradients (compute type) and the
+// weight / bias gradients (float32) of the mean (scale = 1 / pairs) -- or {loss} alone when grads is false.
+// bf16 needs even H, D and hidden widths (the micro-kernel's right-hand sides pair rows).
+inline std::vector<at::Tensor> pair_loss_fused(at::Tensor hs, at::Tensor behaviours, at::Tensor negatives,
+                                               at::Tensor mask, std::vector<at::Tensor> weights,
+                                               std::vector<at::Tensor> biases, double scale, bool grads) {
+  TORCH_CHECK(hs.device().is_cpu() && hs.dim() == 2 && hs.is_contiguous(), "pair loss: hs must be [n, H]");
+  const auto dt = hs.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "pair loss: float32 or bfloat16 inputs, got ", dt);
+  TORCH_CHECK(behaviours.scalar_type() == dt && negatives.scalar_type() == dt && behaviours.is_contiguous() &&
+                  negatives.is_contiguous() && behaviours.sizes() == negatives.sizes() &&
+                  behaviours.size(0) == hs.size(0),
+              "pair loss: behaviours and negatives must be contiguous [n, D] of hs's type");
+  TORCH_CHECK(mask.scalar_type() == at::kFloat && mask.numel() == hs.size(0) && mask.is_contiguous(),
+              "pair loss: mask must be float32 [n]");
+  TORCH_CHECK(weights.size() == biases.size() && weights.size() >= 2, "pair loss: need >= 2 layers");
+  const int64_t k = weights.size();
+  TORCH_CHECK(weights[0].size(1) == hs.size(1) + behaviours.size(1), "pair loss: first layer takes H + D inputs");
+  TORCH_CHECK(weights[k - 1].size(0) == 1, "pair loss: the last layer must have one output");
+  for (int64_t j = 1; j < k; ++j)
+    TORCH_CHECK(weights[j].size(1) == weights[j - 1].size(0), "pair loss: layer ", j, " takes ",
+                weights[j].size(1), " inputs, the layer below gives ", weights[j - 1].size(0));
+  if (dt == at::kBFloat16) {
+    bool even = hs.size(1) % 2 == 0 && behaviours.size(1) % 2 == 0;
+    for (int64_t j = 0; j < k - 1; ++j) even = even && weights[j].size(0) % 2 == 0;
+    TORCH_CHECK(even, "pair loss: bf16 needs even state, behaviour and hidden widths");
+    return din_pair_loss::fused_impl<c10::BFloat16>(hs, behaviours, negatives, mask, weights, biases, scale, grads);
+  }
+  return din_pair_loss::fused_impl<float>(hs, behaviours, negatives, mask, weights, biases, scale, grads);
 }

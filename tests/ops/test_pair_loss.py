@@ -14,7 +14,6 @@ import torch
 from hypothesis import given, settings
 
 from din_torchrec.modules.interest_evolution import AuxiliaryNextBehaviourLoss
-from din_torchrec.ops import native as native_module
 from din_torchrec.ops import pair_loss
 from din_torchrec.ops.native import kernels as native_kernels
 from din_torchrec.ops.pair_loss import sigmoid_mlp_pair_loss
@@ -154,51 +153,128 @@ def test_fused_with_rounded_chunks_equals_unfused(chunk: int) -> None:
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.skipif(native_kernels() is None, reason="the native kernels did not build")
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_native_chunk_loop_equals_the_pytorch_loop_and_splits_over_threads(
-    precision: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The C++ chunk loop (pair_loss_kernel.h) makes the PyTorch loop's ATen calls in the same order: with one
-    thread its loss and every gradient are bit-identical to the PyTorch loop's; with 2 and 3 threads the
-    threads' partial sums are added in thread order, which changes only rounding. DIEN's sizes, 5 chunks."""
-    torch.manual_seed(1)
-    lengths = [0, 1] + [50] * 160 + [9] * 100
-    aux = AuxiliaryNextBehaviourLoss(32, 32, hidden=(100, 50))
-    xs = _inputs(lengths, 32, 32, 4, dtype=torch.float32)
+def _native_case(lengths, h, d, hidden, seed):
+    torch.manual_seed(seed)
+    aux = AuxiliaryNextBehaviourLoss(h, d, hidden=hidden)
+    xs = _inputs(lengths, h, d, seed, dtype=torch.float32)
+    return aux, xs
+
+
+def _run(aux, xs, lengths, precision: str, upstream: float = 0.7):
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    with ctx:
+        return _loss_and_grads(
+            lambda s, b, n, lens: sigmoid_mlp_pair_loss(s, b, n, lens, _linears(aux)),
+            aux,
+            xs,
+            lengths,
+            upstream,
+        )
 
-    def run() -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        with ctx:
-            return _loss_and_grads(
-                lambda s, b, n, lens: sigmoid_mlp_pair_loss(s, b, n, lens, _linears(aux), chunk_rows=2048),
-                aux,
-                xs,
-                lengths,
-                0.7,
-            )
 
+def _exact(aux, xs, lengths, upstream: float = 0.7):
+    hidden = [m.out_features for m in _linears(aux)[:-1]]
+    aux64 = AuxiliaryNextBehaviourLoss(xs[0].shape[1], xs[1].shape[1], hidden=hidden).double()
+    aux64.load_state_dict(aux.state_dict())
+    xs64 = [x.detach().double().requires_grad_() for x in xs]
+    return _loss_and_grads(aux64.forward_unfused, aux64, xs64, lengths, upstream)
+
+
+def _spy_paths(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts which implementation ran: the native kernel or the PyTorch chunk loop."""
+    calls = {"native": 0, "python": 0}
+    loop = pair_loss._chunk_loop
+    monkeypatch.setattr(
+        pair_loss, "_chunk_loop", lambda *a: calls.__setitem__("python", calls["python"] + 1) or loop(*a)
+    )
+    kernel = native_kernels()
+    spy = types.SimpleNamespace(
+        pair_loss_fused=lambda *a: (
+            calls.__setitem__("native", calls["native"] + 1) or kernel.pair_loss_fused(*a)
+        )
+    )
+    monkeypatch.setattr(pair_loss.native, "kernels", lambda: spy)
+    return calls
+
+
+@pytest.mark.skipif(native_kernels() is None, reason="the native kernels did not build")
+@settings(max_examples=25, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 40), min_size=1, max_size=12).filter(lambda ls: sum(ls) > 0),
+    hidden=st.sampled_from([(6,), (10, 4), (8, 6, 4)]),
+    threads=st.sampled_from([1, 2, 3]),
+    seed=st.integers(0, 10_000),
+)
+def test_native_kernel_float32_equals_the_float64_reference(lengths, hidden, threads, seed) -> None:
+    """The native kernel (pair_loss_kernel.h) in float32, blocks of 64 target rows (rows straddle blocks, a last
+    block of any size), against the unfused path in float64: loss and every gradient."""
+    aux, xs = _native_case(lengths, 6, 4, hidden, seed)
     before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        torch.set_num_threads(1)
-        calls = []
-        loop = pair_loss._chunk_loop
-        monkeypatch.setattr(pair_loss, "_chunk_loop", lambda *a: calls.append(1) or loop(*a))
-        # Only the pair loss's view of the native module: the other kernels stay as they are.
-        monkeypatch.setattr(pair_loss, "native", types.SimpleNamespace(usable=lambda *args: False))
-        python_loop = run()
-        assert calls, "the PyTorch loop did not run"
-        monkeypatch.setattr(pair_loss, "native", native_module)
-        native = {threads: (torch.set_num_threads(threads), run())[1] for threads in (1, 2, 3)}
-        assert len(calls) == 1, "the native loop did not run"
-        monkeypatch.undo()
+        got = _run(aux, xs, lengths, "fp32")
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(native[1][0], python_loop[0])
-    for got, want in zip(native[1][1], python_loop[1]):
-        assert torch.equal(got, want)
+    want = _exact(aux, xs, lengths)
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-7)
+    for g, e in zip(got[1], want[1]):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(native_kernels() is None, reason="the native kernels did not build")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_native_kernel_at_dien_sizes_matches_the_pytorch_loop_and_splits_over_threads(
+    precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DIEN's sizes (H = D = 32, [100, 50]), N = 9,001 (an odd last block). The kernel keeps pre-activations,
+    logits and sums in float32 and rounds only the activations and the gradients it feeds into products, so
+    under bf16 it is at least as close to the float64 result as the PyTorch loop (which rounds every op's
+    output); 1, 2 and 3 threads agree up to float32 rounding."""
+    lengths = [0, 1] + [50] * 160 + [9] * 110
+    aux, xs = _native_case(lengths, 32, 32, (100, 50), 1)
+    exact = _exact(aux, xs, lengths)
+    calls = _spy_paths(monkeypatch)
+    before = torch.get_num_threads()
+    try:
+        native = {}
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            native[threads] = _run(aux, xs, lengths, precision)
+        assert calls == {"native": 3, "python": 0}
+        monkeypatch.setattr(pair_loss, "native_usable", lambda *a: False)
+        torch.set_num_threads(1)
+        python_loop = _run(aux, xs, lengths, precision)
+        assert calls == {"native": 3, "python": 1}
+    finally:
+        torch.set_num_threads(before)
+
+    def rel(got, want):
+        return float((got.double() - want).norm() / want.norm())
+
+    for got, py, want in zip(native[1][1], python_loop[1], exact[1]):
+        if precision == "fp32":
+            assert rel(got, want) < 1e-5
+        else:
+            assert rel(got, want) < max(1.5 * rel(py, want), 2e-3), (rel(got, want), rel(py, want))
+    torch.testing.assert_close(
+        native[1][0].double(), exact[0], rtol=1e-5 if precision == "fp32" else 1e-3, atol=0
+    )
     for threads in (2, 3):
         loss, grads = native[threads]
-        torch.testing.assert_close(loss, python_loop[0], rtol=1e-5, atol=0)
-        for got, want in zip(grads, python_loop[1]):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * (1 + float(want.abs().max())))
+        torch.testing.assert_close(loss, native[1][0], rtol=1e-6, atol=0)
+        for got, one in zip(grads, native[1][1]):
+            torch.testing.assert_close(got, one, rtol=1e-4, atol=1e-6 * (1 + float(one.abs().max())))
+
+
+@pytest.mark.skipif(native_kernels() is None, reason="the native kernels did not build")
+def test_bf16_with_odd_widths_takes_the_pytorch_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 right-hand sides pair rows in the micro-kernel's layout: an odd width runs the PyTorch loop under
+    bf16 (same result as the loop), while float32 takes the kernel whatever the widths."""
+    lengths = [3, 0, 7, 1, 12]
+    aux, xs = _native_case(lengths, 5, 3, (7,), 2)
+    calls = _spy_paths(monkeypatch)
+    _run(aux, xs, lengths, "bf16")
+    assert calls == {"native": 0, "python": 1}
+    _run(aux, xs, lengths, "fp32")
+    assert calls == {"native": 1, "python": 1}
