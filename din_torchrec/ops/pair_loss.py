@@ -214,8 +214,8 @@ def _chunk_loop(
     grads: bool,
     acc: torch.dtype,
 ) -> tuple[torch.Tensor, tuple | None]:
-    """The chunk loop of :class:`_SigmoidMLPPairLoss` in PyTorch ops (the GPU's path and the reference of the
-    native loop, ``pair_loss_kernel.h``): the loss summed over the pairs, and ``(g_hs, g_x, g_w, g_b)`` for a
+    """The chunk loop of :class:`_SigmoidMLPPairLoss` in PyTorch ops (the GPU's path, and the CPU's where the
+    native kernel ``pair_loss_kernel.h`` does not run): the loss summed over the pairs, and ``(g_hs, g_x, g_w, g_b)`` for a
     gradient of 1 when ``grads``."""
     rows, h = hs.shape
     d = behaviours.shape[1]

@@ -216,9 +216,11 @@ std::vector<at::Tensor> fused_impl(const at::Tensor& hs, const at::Tensor& behav
       }
       for (int64_t blk = blocks * t / threads; blk < blocks * (t + 1) / threads; ++blk) {
         const int64_t r0 = blk * kBlock, m = std::min(kBlock, n - r0);
-        const int64_t mp2 = m + (m & 1);  // rows rounded up to even: bf16 right-hand sides pair rows
-        const int64_t rows = 2 * mp2;     // scored rows: positives [0, mp2), negatives [mp2, 2 mp2)
-        // Inputs (a zero row pads an odd block: its mask is 0, so it adds nothing to any gradient).
+        // Every block has kBlock rows, a short last one padded with zero rows (mask 0: they add nothing to any
+        // gradient): one set of micro-kernel shapes (each JIT kernel keeps a code buffer of a few hundred KB;
+        // a kernel per last-block size had grown DIEN training by ~600 MB).
+        const int64_t mp2 = kBlock;
+        const int64_t rows = 2 * mp2;  // scored rows: positives [0, mp2), negatives [mp2, 2 mp2)
         std::copy(hsp + r0 * h, hsp + (r0 + m) * h, w.hs.data());
         std::copy(bp + r0 * d, bp + (r0 + m) * d, w.x.data());
         std::copy(np + r0 * d, np + (r0 + m) * d, w.x.data() + mp2 * d);

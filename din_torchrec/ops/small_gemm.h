@@ -5,11 +5,13 @@
 // (AMD EPYC, Zen 5, AVX-512) MKL's sgemm peaks at ~110 GFLOP/s on one core, while oneDNN's BRGEMM, which
 // dispatches on the CPU's instruction sets rather than its vendor, runs the same products at ~250 GFLOP/s
 // (measured: [520, 32] x [32, 96] 30.2 -> 12.3 us, [520, 96] x [96, 32] 32.0 -> 12.3 us, [26000, 32] x
-// [32, 96] 1.65 -> 0.65 ms). With K <= 96 the sums run in the same order, so results match MKL's.
+// [32, 96] 1.65 -> 0.65 ms); on those shapes (K <= 96) its results were bit-identical to MKL's.
 //
-// The micro-kernel is JIT-generated per shape and cached per thread (by ATen), so rows go in blocks of
-// kGemmRowBlock: at most kGemmRowBlock distinct kernels per (N, K, leading dimensions) whatever the row counts,
-// at ~50 us each to generate, once. Where oneDNN's micro-kernels are unavailable (a build without them, a CPU
+// The micro-kernel is JIT-generated per shape (~50 us) and cached per thread by ATen, and each kernel keeps a
+// code buffer of a few hundred KB: with a kernel per row count, DIN training grew by ~400 MB over an epoch
+// (1,268 vs 876 MiB). So rows go in blocks of kGemmRowBlock and a remainder in power-of-two pieces (64, 32, ...,
+// 1): at most 8 kernels per (N, K, leading dimensions) whatever the row counts; gemm_at_b splits its summed
+// dimension the same way. Where oneDNN's micro-kernels are unavailable (a build without them, a CPU
 // without AVX2, or torch.backends.mkldnn disabled) ATen falls back to its BLAS gemm: same results, the old
 // speed.
 #pragma once
@@ -36,9 +38,12 @@ inline void gemm_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t l
       for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
     return;
   }
-  for (int64_t r = 0; r < m; r += kGemmRowBlock) {
-    const int64_t rows = std::min(kGemmRowBlock, m - r);
-    at::native::cpublas::brgemm(rows, n, k, lda, ldb, ldc, accumulate, a + r * lda, b, c + r * ldc, false);
+  int64_t r = 0;
+  for (int64_t piece = kGemmRowBlock; r < m; piece = std::max<int64_t>(1, piece / 2)) {
+    while (m - r >= piece) {
+      at::native::cpublas::brgemm(piece, n, k, lda, ldb, ldc, accumulate, a + r * lda, b, c + r * ldc, false);
+      r += piece;
+    }
   }
 }
 
@@ -63,7 +68,15 @@ inline at::Tensor gemm_at_b(int64_t m, int64_t o, int64_t n, const float* a, con
           float* dst = at_blk.data() + j * kb;
           for (int64_t i = 0; i < rows; ++i) dst[i] = a[(r0 + i) * o + j];
         }
-        gemm_rows(o, n, rows, at_blk.data(), kb, b + r0 * n, n, pp + t * o * n, n, true);
+        // The block's rows are the summed dimension: in power-of-two pieces (see above) for a bounded set of
+        // kernels.
+        int64_t done = 0;
+        for (int64_t piece = kb; done < rows; piece = std::max<int64_t>(1, piece / 2)) {
+          while (rows - done >= piece) {
+            gemm_rows(o, n, piece, at_blk.data() + done, kb, b + (r0 + done) * n, n, pp + t * o * n, n, true);
+            done += piece;
+          }
+        }
       }
     }
   });
