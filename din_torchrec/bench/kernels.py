@@ -28,6 +28,9 @@ Cases (the module each fast path lives in):
 * ``dien_aux_loss``: ``AuxiliaryNextBehaviourLoss.forward`` vs ``forward_reference`` (per pair);
 * ``dien_aux_fused``: the same ``forward`` (sigmoid scorer: one autograd function, chunked, see
   :mod:`~din_torchrec.ops.pair_loss`) vs ``forward_unfused`` (gathered pairs through ``score_pairs``);
+* ``dien_aux_kernel``: that function's native CPU kernel (``pair_loss_kernel.h``) vs its PyTorch chunk loop;
+* ``linear_fp32``: a float32 linear layer on the batch's jagged rows through oneDNN's BRGEMM
+  (:func:`~din_torchrec.ops.linear.linear`) vs ``F.linear`` (MKL's sgemm);
 * ``dsin_extractor``: ``SessionInterestExtractor`` over all sessions of the batch at once vs a loop over
   sessions;
 * ``dsin_sessions``: ``session_boundaries`` (vectorised) vs ``session_boundaries_reference`` (per-user loop;
@@ -455,9 +458,49 @@ def dien_augru_case(batch: int, history: int, hidden: int, lengths_mode: str, se
     )
 
 
+def linear_case(batch: int, history: int, width: int, out: int, lengths_mode: str, seed: int) -> Case:
+    """A float32 linear layer on a batch's N jagged rows (the attention MLP's second layer, ``[N, 80] -> 40``):
+    :func:`~din_torchrec.ops.linear.linear` (oneDNN's BRGEMM on the CPU) vs ``F.linear`` (MKL's sgemm)."""
+    import torch.nn.functional as F
+
+    from din_torchrec.ops.linear import linear
+
+    g = _gen(seed)
+    lengths = random_lengths(batch, history, lengths_mode, g)
+    n = int(lengths.sum())
+    x = torch.randn(n, width, generator=g).requires_grad_()
+    w = torch.randn(out, width, generator=g).div_(width**0.5).requires_grad_()
+    b = torch.randn(out, generator=g).requires_grad_()
+    return Case(
+        "linear_fp32",
+        lambda: linear(x, w, b),
+        lambda: F.linear(x, w, b),
+        [x, w, b],
+        [],
+        batch,
+        n,
+        reference_name="F.linear (MKL sgemm)",
+    )
+
+
+@contextlib.contextmanager
+def _pair_loss_pytorch_loop():
+    """The auxiliary loss's PyTorch chunk loop instead of its native kernel, for the duration."""
+    from din_torchrec.ops import pair_loss
+
+    usable = pair_loss.native_usable
+    pair_loss.native_usable = lambda *args: False
+    try:
+        yield
+    finally:
+        pair_loss.native_usable = usable
+
+
 def dien_aux_case(
     batch: int, history: int, hidden: int, dim: int, lengths_mode: str, seed: int, against: str = "loop"
 ) -> Case:
+    """``against``: ``loop`` (per-pair reference), ``unfused`` (gathered pairs) or ``chunk_loop`` (the fused
+    function's PyTorch chunk loop instead of its native kernel)."""
     from din_torchrec.modules.interest_evolution import AuxiliaryNextBehaviourLoss
 
     g = _gen(seed)
@@ -468,11 +511,16 @@ def dien_aux_case(
     states = torch.randn(n, hidden, generator=g).requires_grad_()
     beh = torch.randn(n, dim, generator=g).requires_grad_()
     neg = torch.randn(n, dim, generator=g).requires_grad_()
-    name, reference, reference_name = (
-        ("dien_aux_fused", aux.forward_unfused, "forward_unfused (gathered pairs, score_pairs)")
-        if against == "unfused"
-        else ("dien_aux_loss", aux.forward_reference, "forward_reference (per pair)")
-    )
+
+    def chunk_loop(*args: torch.Tensor) -> torch.Tensor:
+        with _pair_loss_pytorch_loop():
+            return aux(*args)
+
+    name, reference, reference_name = {
+        "unfused": ("dien_aux_fused", aux.forward_unfused, "forward_unfused (gathered pairs, score_pairs)"),
+        "chunk_loop": ("dien_aux_kernel", chunk_loop, "the PyTorch chunk loop (_chunk_loop)"),
+        "loop": ("dien_aux_loss", aux.forward_reference, "forward_reference (per pair)"),
+    }[against]
     return Case(
         name,
         lambda: aux(states, beh, neg, lengths),
@@ -678,6 +726,8 @@ def build_cases(s: KernelSettings) -> list[Case]:
         "dien_augru": lambda: dien_augru_case(b, t, d, s.lengths, s.seed),
         "dien_aux_loss": lambda: dien_aux_case(lb, t, d, d, s.lengths, s.seed),
         "dien_aux_fused": lambda: dien_aux_case(b, t, d, d, s.lengths, s.seed, "unfused"),
+        "dien_aux_kernel": lambda: dien_aux_case(b, t, d, d, s.lengths, s.seed, "chunk_loop"),
+        "linear_fp32": lambda: linear_case(b, t, s.hidden[0], s.hidden[-1], s.lengths, s.seed),
         "dsin_extractor": lambda: dsin_extractor_case(
             b, t, d, s.dsin_heads, s.dsin_max_sessions, s.dsin_max_session_length, s.lengths, s.seed
         ),
