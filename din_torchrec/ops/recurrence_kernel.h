@@ -5,8 +5,8 @@
 // packed layout): per step one matmul for U h and one fused loop over the b_t x H gate values; backward per
 // step one fused loop and one matmul for the gradient reaching the previous state, the recurrent weight's
 // gradient as one matmul after the loop. In Python each step is ~10 ATen calls on [b_t, H] tensors of a few
-// KB (2-15 us each, dominated by dispatch); here each step is one small matmul (oneDNN's BRGEMM, small_gemm.h) plus a loop that
-// stays in L1.
+// KB (2-15 us each, dominated by dispatch); here each step is one small matmul (oneDNN's BRGEMM micro-kernel,
+// small_gemm.h) plus a loop that stays in L1.
 // The state, gates and every sum are float32. The projected input x may be float32 or bfloat16 (under bf16
 // autocast the input projection's matmul writes bfloat16): it is read and widened inside the step's loop, and
 // its gradient written back in bfloat16 there, instead of a float32 copy of all N x G values each way (DIEN's

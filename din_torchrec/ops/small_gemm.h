@@ -29,6 +29,16 @@ namespace din_gemm {
 
 constexpr int64_t kGemmRowBlock = 128;
 
+// fn(start, size) over [0, total): pieces of kGemmRowBlock, then the remainder in power-of-two pieces (the
+// bounded set of sizes above).
+template <typename Fn>
+inline void for_each_piece(int64_t total, Fn fn) {
+  int64_t start = 0;
+  for (int64_t piece = kGemmRowBlock; start < total; piece = std::max<int64_t>(1, piece / 2)) {
+    for (; total - start >= piece; start += piece) fn(start, piece);
+  }
+}
+
 // C[m, n] = (accumulate ? C : 0) + A[m, k] B[k, n]; all row-major with leading dimensions lda, ldb, ldc.
 inline void gemm_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
                       float* c, int64_t ldc, bool accumulate) {
@@ -38,13 +48,9 @@ inline void gemm_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t l
       for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
     return;
   }
-  int64_t r = 0;
-  for (int64_t piece = kGemmRowBlock; r < m; piece = std::max<int64_t>(1, piece / 2)) {
-    while (m - r >= piece) {
-      at::native::cpublas::brgemm(piece, n, k, lda, ldb, ldc, accumulate, a + r * lda, b, c + r * ldc, false);
-      r += piece;
-    }
-  }
+  for_each_piece(m, [&](int64_t r, int64_t rows) {
+    at::native::cpublas::brgemm(rows, n, k, lda, ldb, ldc, accumulate, a + r * lda, b, c + r * ldc, false);
+  });
 }
 
 // A^T B for row-aligned A [m, o] and B [m, n] (row-major, contiguous): the [o, n] sum over rows of their outer
@@ -68,15 +74,10 @@ inline at::Tensor gemm_at_b(int64_t m, int64_t o, int64_t n, const float* a, con
           float* dst = at_blk.data() + j * kb;
           for (int64_t i = 0; i < rows; ++i) dst[i] = a[(r0 + i) * o + j];
         }
-        // The block's rows are the summed dimension: in power-of-two pieces (see above) for a bounded set of
-        // kernels.
-        int64_t done = 0;
-        for (int64_t piece = kb; done < rows; piece = std::max<int64_t>(1, piece / 2)) {
-          while (rows - done >= piece) {
-            gemm_rows(o, n, piece, at_blk.data() + done, kb, b + (r0 + done) * n, n, pp + t * o * n, n, true);
-            done += piece;
-          }
-        }
+        // The block's rows are the summed dimension: in pieces too, for a bounded set of kernels.
+        for_each_piece(rows, [&](int64_t i, int64_t piece) {
+          gemm_rows(o, n, piece, at_blk.data() + i, kb, b + (r0 + i) * n, n, pp + t * o * n, n, true);
+        });
       }
     }
   });
