@@ -236,56 +236,60 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const std::opt
   const int64_t n_rows = out.size(0), h = out.size(1), g = (ns + 1) * h;
   at::Tensor dh_all = grad_out.clone(at::MemoryFormat::Contiguous);
   at::Tensor dx = at::empty({n_rows, g}, out.options().dtype(c10::CppTypeToScalarType<T>::value));
-  // The input bias's gradient summed per part (part q of every step into row q), then over the parts in order:
-  // deterministic for a given thread count.
-  at::Tensor dbx_parts = at::zeros({std::max<int64_t>(1, at::get_num_threads()), g}, out.options());
-  at::Tensor dhh = at::empty({n_rows, g}, out.options());
+  // The input bias's, the recurrent weight's and its bias's gradients summed per part (part q of every step into
+  // slot q), then over the parts in order: deterministic for a given thread count. Each part's gate gradients
+  // (dhh, of U h) live in its own scratch rows: used at once for the gradient reaching the previous state and
+  // for dU += dhh^T h_prev while they are in cache, never stored for all N rows.
+  const int64_t slots = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t b0 = steps.empty() ? 0 : steps[0];  // steps shrink: the first has the most rows
+  at::Tensor dbx_parts = at::zeros({slots, g}, out.options());
+  at::Tensor dw_parts = at::zeros({slots, g, h}, out.options());
+  at::Tensor dbias_parts = at::zeros({slots, g}, out.options());
+  at::Tensor dhh_scratch = at::empty({slots, b0 * g + g * din_gemm::kGemmRowBlock}, out.options());
   at::Tensor datt = att ? at::zeros({n_rows}, out.options()) : at::Tensor();
   const float* attp = att ? att->data_ptr<float>() : nullptr;
   std::vector<int64_t> starts(steps.size(), 0);
   for (size_t t = 1; t < steps.size(); ++t) starts[t] = starts[t - 1] + steps[t - 1];
   float* dhp = dh_all.data_ptr<float>();
   // Step 0 starts from zeros and sends nothing back: its hp is zeros and its dprev a scratch buffer.
-  const int64_t b0 = steps.empty() ? 0 : steps[0];
   at::Tensor zeros = at::zeros({b0 * h}, out.options());
   at::Tensor scratch = at::empty({b0 * h}, out.options());
   const float* outp = out.data_ptr<float>();
   for (int64_t t = static_cast<int64_t>(steps.size()) - 1; t >= 0; --t) {
-    const int64_t b = steps[t], start = starts[t], parts = std::min(step_parts(b), dbx_parts.size(0));
+    const int64_t b = steps[t], start = starts[t], parts = std::min(step_parts(b), slots);
     at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
       at::NoGradGuard no_grad;  // grad mode is thread-local: a worker thread's must not see weight_hh's grad
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t r0 = b * q / parts, rows = b * (q + 1) / parts - r0, row = start + r0;
         const float* hp = t > 0 ? outp + (starts[t - 1] + r0) * h : zeros.data_ptr<float>() + r0 * h;
         float* dprev = t > 0 ? dhp + (starts[t - 1] + r0) * h : scratch.data_ptr<float>() + r0 * h;
+        float* dhh = dhh_scratch.data_ptr<float>() + q * dhh_scratch.size(1);
         step_backward<M, T>(rows, h, dhp + row * h, sig.data_ptr<float>() + row * ns * h,
                             cand.data_ptr<float>() + row * h, hh_n.data_ptr<float>() + row * h, hp,
-                            attp ? attp + row : nullptr, dx.data_ptr<T>() + row * g, dhh.data_ptr<float>() + row * g,
+                            attp ? attp + row : nullptr, dx.data_ptr<T>() + row * g, dhh,
                             dbx_parts.data_ptr<float>() + q * g, att ? datt.data_ptr<float>() + row : nullptr,
                             dprev);
-        if (t > 0)  // through U h
-          din_gemm::gemm_rows(rows, h, g, dhh.data_ptr<float>() + row * g, g, weight_hh.data_ptr<float>(), h,
-                              dhp + (starts[t - 1] + r0) * h, h, true);
+        if (has_bias) {
+          float* __restrict__ db = dbias_parts.data_ptr<float>() + q * g;
+          for (int64_t i = 0; i < rows; ++i)
+            for (int64_t j = 0; j < g; ++j) db[j] += dhh[i * g + j];
+        }
+        if (t > 0) {
+          // Through U h to the previous state; and dU += dhh^T h_prev (a row of step t started from the row of
+          // the same rank in step t - 1; step 0's rows started from zeros: no term).
+          din_gemm::gemm_rows(rows, h, g, dhh, g, weight_hh.data_ptr<float>(), h, dprev, h, true);
+          din_gemm::add_at_b(rows, g, h, dhh, hp, dw_parts.data_ptr<float>() + q * g * h, dhh + b0 * g);
+        }
       }
     });
   }
-  // dU = sum over rows of dhh^T h_prev; a row of step t >= 1 started from row (its rank) of step t - 1, and
-  // the rows of step 0 started from zeros (no term).
-  at::Tensor dweight;
-  const int64_t first = steps.empty() ? 0 : steps[0];
-  if (n_rows > first) {
-    at::Tensor index = at::empty({n_rows - first}, out.options().dtype(at::kLong));
-    int64_t* ip = index.data_ptr<int64_t>();
-    for (size_t t = 1; t < steps.size(); ++t)
-      for (int64_t i = 0; i < steps[t]; ++i) *ip++ = starts[t - 1] + i;
-    const at::Tensor prev_rows = out.index_select(0, index);
-    dweight = din_gemm::gemm_at_b(n_rows - first, g, h, dhh.data_ptr<float>() + first * g,
-                                  prev_rows.data_ptr<float>(), out.options());
-  } else {
-    dweight = at::zeros({g, h}, out.options());
-  }
-  at::Tensor dbias = has_bias ? dhh.sum(0) : at::Tensor();
-  return {dx, datt, dweight, dbias, has_input_bias ? dbx_parts.sum(0) : at::Tensor()};
+  const auto in_order = [](const at::Tensor& parts) {  // parts summed in slot order
+    at::Tensor total = parts[0].clone();
+    for (int64_t q = 1; q < parts.size(0); ++q) total.add_(parts[q]);
+    return total;
+  };
+  return {dx, datt, in_order(dw_parts), has_bias ? in_order(dbias_parts) : at::Tensor(),
+          has_input_bias ? in_order(dbx_parts) : at::Tensor()};
 }
 
 }  // namespace din_recurrence

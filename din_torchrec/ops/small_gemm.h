@@ -53,11 +53,26 @@ inline void gemm_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t l
   });
 }
 
-// A^T B for row-aligned A [m, o] and B [m, n] (row-major, contiguous): the [o, n] sum over rows of their outer
-// products, i.e. a weight gradient. The rows go in blocks of kGemmRowBlock, contiguous runs of blocks per thread;
-// each block's A^T is written into a per-thread [o, kGemmRowBlock] buffer (the micro-kernel takes its left-hand
-// side row-major), and the threads' partial sums are added in thread order: the same result for a given thread
-// count. Returns a float32 [o, n] tensor.
+// out [o, n] += A^T B for row-aligned A [m, o] and B [m, n] (row-major, contiguous), on the calling thread: the
+// sum over rows of their outer products, i.e. a weight gradient. Each block of kGemmRowBlock rows of A is
+// transposed into buf ([o, kGemmRowBlock] floats; the micro-kernel takes its left-hand side row-major), and its
+// rows, the summed dimension, go in pieces (for_each_piece) for a bounded set of kernels.
+inline void add_at_b(int64_t m, int64_t o, int64_t n, const float* a, const float* b, float* out, float* buf) {
+  constexpr int64_t kb = kGemmRowBlock;
+  for (int64_t r0 = 0; r0 < m; r0 += kb) {
+    const int64_t rows = std::min(kb, m - r0);
+    for (int64_t j = 0; j < o; ++j) {
+      float* dst = buf + j * kb;
+      for (int64_t i = 0; i < rows; ++i) dst[i] = a[(r0 + i) * o + j];
+    }
+    for_each_piece(rows, [&](int64_t i, int64_t piece) {
+      gemm_rows(o, n, piece, buf + i, kb, b + (r0 + i) * n, n, out, n, true);
+    });
+  }
+}
+
+// A^T B as above, as a float32 [o, n] tensor, its rows split among the threads (contiguous runs of blocks),
+// the threads' partial sums added in thread order: the same result for a given thread count.
 inline at::Tensor gemm_at_b(int64_t m, int64_t o, int64_t n, const float* a, const float* b,
                             const at::TensorOptions& options) {
   constexpr int64_t kb = kGemmRowBlock;
@@ -66,19 +81,10 @@ inline at::Tensor gemm_at_b(int64_t m, int64_t o, int64_t n, const float* a, con
   at::Tensor parts = at::zeros({threads, o, n}, options);
   float* pp = parts.data_ptr<float>();
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> at_blk(o * kb);
+    std::vector<float> buf(o * kb);
     for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t k = blocks * t / threads; k < blocks * (t + 1) / threads; ++k) {
-        const int64_t r0 = k * kb, rows = std::min(kb, m - r0);
-        for (int64_t j = 0; j < o; ++j) {
-          float* dst = at_blk.data() + j * kb;
-          for (int64_t i = 0; i < rows; ++i) dst[i] = a[(r0 + i) * o + j];
-        }
-        // The block's rows are the summed dimension: in pieces too, for a bounded set of kernels.
-        for_each_piece(rows, [&](int64_t i, int64_t piece) {
-          gemm_rows(o, n, piece, at_blk.data() + i, kb, b + (r0 + i) * n, n, pp + t * o * n, n, true);
-        });
-      }
+      const int64_t r0 = std::min(m, blocks * t / threads * kb), r1 = std::min(m, blocks * (t + 1) / threads * kb);
+      add_at_b(r1 - r0, o, n, a + r0 * o, b + r0 * n, pp + t * o * n, buf.data());
     }
   });
   at::Tensor out = parts[0];
