@@ -35,10 +35,10 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from din_torchrec.modules.attention import LocalActivationUnit, complete_offsets, segment_ids, segment_softmax
-from din_torchrec.modules.mlp import MLP, row_bucketed
+from din_torchrec.modules.mlp import MLP, linear_rows, row_bucketed
 from din_torchrec.modules.recurrence import packed_recurrence
 from din_torchrec.modules.rows import gather_rows, inverse_index
-from din_torchrec.ops.linear import linear, native_linear_usable
+from din_torchrec.ops.linear import linear
 from din_torchrec.ops.pair_loss import sigmoid_mlp_pair_loss
 
 EVOLUTION_KINDS = ("augru", "agru", "aigru")
@@ -286,11 +286,11 @@ class InterestExtractor(nn.Module):
             return self.forward_packed(behaviours, lengths, layout)
         gru = self.gru
         # Input side of every step in one matmul, gathered into packed (time-major, length-ranked) order.
-        x = gather_rows(behaviours, layout.packed_index, layout.unpack_index)
-        if native_linear_usable(x, gru.weight_ih_l0):  # float32 on the CPU: the BRGEMM kernel (ops/linear.py)
-            x = linear(x, gru.weight_ih_l0, gru.bias_ih_l0)
-        else:  # bf16 on the CPU: a bounded set of matmul shapes (see mlp.ROW_BUCKET)
-            x = row_bucketed(lambda v: torch.addmm(gru.bias_ih_l0, v, gru.weight_ih_l0.t()), x)
+        x = linear_rows(
+            gather_rows(behaviours, layout.packed_index, layout.unpack_index),
+            gru.weight_ih_l0,
+            gru.bias_ih_l0,
+        )
         packed = packed_recurrence(x, None, gru.weight_hh_l0, gru.bias_hh_l0, layout.steps, "gru")
         return gather_rows(packed, layout.unpack_index, layout.packed_index), final_states(
             packed, layout, lengths

@@ -39,13 +39,13 @@ def row_bucketed(fn, x: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
     return fn(*padded)[:n]
 
 
-def apply_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` on rows ``x: [N, I]``: in float32 on the CPU through the native kernel
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T + b`` on rows ``x: [N, I]``: in float32 on the CPU through the native kernel
     (:func:`~din_torchrec.ops.linear.linear`: oneDNN's BRGEMM instead of MKL's AVX2 sgemm on AMD CPUs), under
     bf16 padded to row buckets (:func:`row_bucketed`)."""
-    if native_linear_usable(x, layer.weight):
-        return linear(x, layer.weight, layer.bias)
-    return row_bucketed(layer, x)
+    if native_linear_usable(x, weight):
+        return linear(x, weight, bias)
+    return row_bucketed(lambda v: torch.nn.functional.linear(v, weight, bias), x)
 
 
 class MLP(nn.Module):
@@ -89,7 +89,7 @@ class MLP(nn.Module):
         """The layers from ``self.layers[start]`` on (a caller that computed the first ones itself, e.g. a
         split first layer, continues here)."""
         for layer in self.layers[start:]:
-            x = apply_linear(layer, x) if isinstance(layer, nn.Linear) else layer(x)
+            x = linear_rows(x, layer.weight, layer.bias) if isinstance(layer, nn.Linear) else layer(x)
         return x
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:

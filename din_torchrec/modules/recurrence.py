@@ -30,9 +30,9 @@ mode        gate rows   update (``k`` is the weight of the old state: ``h' = k h
 
 On the CPU (float32, or a bfloat16 input under mixed precision; the native kernels built:
 :mod:`din_torchrec.ops.native`) the same algorithm runs in C++ (``ops/recurrence_kernel.h``,
-:class:`NativePackedRecurrence`): one BLAS call and one fused loop per step instead of ~10 ATen calls on tensors
-of a few KB, whose dispatch was most of a step's time; with several threads each step's rows are split among
-them. Tests compare it with :class:`PackedRecurrence` and with the autograd references.
+:class:`NativePackedRecurrence`): one small matmul (oneDNN's BRGEMM micro-kernel) and one fused loop per step
+instead of ~10 ATen calls on tensors of a few KB, whose dispatch was most of a step's time; with several
+threads each step's rows are split among them. Tests compare it with :class:`PackedRecurrence` and with the autograd references.
 
 The autograd loops these replace stay in the tests as references (``InterestEvolution.forward_reference`` and
 the cells' ``step``, ``InterestExtractor.forward_packed``): values and gradients are compared there, on random
