@@ -143,7 +143,7 @@ class _AttentionalGRUCell(nn.Module):
 
     def project_input(self, x: torch.Tensor) -> torch.Tensor:
         """``[M, I] -> [M, G * H]``, ``W x`` without bias."""
-        return linear(x, self.weight_ih)  # x @ W^T (float32 on the CPU: the BRGEMM kernel)
+        return linear(x, self.weight_ih)  # x @ W^T (float32 / bf16 autocast on the CPU: the BRGEMM kernel)
 
     def step(self, x_proj: torch.Tensor, h: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
         """One step from a projected input.
@@ -415,7 +415,8 @@ class InterestEvolution(nn.Module):
             return states.new_zeros(b, self.hidden_size), att
         # Input side of every step in one matmul, in packed (time-major, length-ranked) order.
         cell = self.cell
-        x = row_bucketed(cell.project_input, gather_rows(states, layout.packed_index, layout.unpack_index))
+        # cell.project_input, its rows padded to a bucket where the matmul is oneDNN's (linear_rows).
+        x = linear_rows(gather_rows(states, layout.packed_index, layout.unpack_index), cell.weight_ih)
         a = gather_rows(att, layout.packed_index, layout.unpack_index)
         if self.kind == "aigru":
             # W (a x) = a (W x): the attention scales the projection; then a plain GRU.

@@ -40,9 +40,10 @@ def row_bucketed(fn, x: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x W^T + b`` on rows ``x: [N, I]``: in float32 on the CPU through the native kernel
-    (:func:`~din_torchrec.ops.linear.linear`: oneDNN's BRGEMM instead of MKL's AVX2 sgemm on AMD CPUs), under
-    bf16 padded to row buckets (:func:`row_bucketed`)."""
+    """``x W^T + b`` on rows ``x: [N, I]``: on the CPU, in float32 and under bf16 autocast, through the native
+    kernel (:func:`~din_torchrec.ops.linear.linear`: oneDNN's BRGEMM in fixed row blocks -- instead of MKL's
+    AVX2 sgemm on AMD CPUs, and of padding bf16 rows to buckets); otherwise ``F.linear``, its rows padded to
+    buckets where :func:`needs_row_buckets`."""
     if native_linear_usable(x, weight):
         return linear(x, weight, bias)
     return row_bucketed(lambda v: torch.nn.functional.linear(v, weight, bias), x)

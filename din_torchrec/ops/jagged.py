@@ -18,6 +18,7 @@ import torch
 
 from din_torchrec.modules.mlp import row_bucketed
 from din_torchrec.ops import native
+from din_torchrec.ops.linear import linear, native_linear_dtype
 
 
 def product_features_reference(b: torch.Tensor, c: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
@@ -130,6 +131,11 @@ def first_layer(
         and bool((seg[1:] >= seg[:-1]).all())
     ):
         return _FirstLayer.apply(b.contiguous(), c.contiguous(), seg.contiguous(), a, p, k.contiguous())
+    w = torch.cat([a, p], dim=1)
+    if torch.is_autocast_enabled("cpu") and native_linear_dtype(b, w) == torch.bfloat16:
+        # bf16 on the CPU: the same product through the BRGEMM linear kernel, k[seg] added before its one
+        # rounding (as addmm's accumulator), without padding the rows to a bucket.
+        return linear(product_features(b, c, seg), w, None, add=k.index_select(0, seg))
     return first_layer_reference(b, c, seg, a, p, k)
 
 

@@ -1,10 +1,20 @@
-"""``F.linear`` for float32 on the CPU through oneDNN's BRGEMM micro-kernel (``linear_kernel.h``).
+"""``F.linear`` on the CPU through oneDNN's BRGEMM micro-kernel (``linear_kernel.h``), in float32 and under bf16
+autocast.
 
-Why: ATen sends a float32 matmul to MKL, and MKL runs its AVX2 code on AMD CPUs: ~100 GFLOP/s on one core of
-this project's Zen 5 machine, against ~250 GFLOP/s for oneDNN's BRGEMM (which picks its code by instruction
-set, not vendor) on the same shapes (``small_gemm.h`` has the figures). Everywhere else -- bf16 / autocast
-(already oneDNN), GPUs, float64, compile and tracing -- :func:`linear` is ``F.linear``, which is also the
-reference the kernel is tested against.
+Why, float32: ATen sends a float32 matmul to MKL, and MKL runs its AVX2 code on AMD CPUs: ~100 GFLOP/s on one
+core of this project's Zen 5 machine, against ~250 GFLOP/s for oneDNN's BRGEMM (which picks its code by
+instruction set, not vendor) on the same shapes (``small_gemm.h`` has the figures).
+
+Why, bf16: under autocast ATen's bf16 matmul is oneDNN's matmul primitive, built and cached per shape, so the
+models pad jagged row counts to buckets (:data:`~din_torchrec.modules.mlp.ROW_BUCKET`), and the padding, its
+zero fill and the slice-back of the gradient are memory passes as long as the product. The kernel runs fixed
+row blocks (the last one padded inside it): no padding outside, one micro-kernel per layer shape. It computes
+what autocast's ``F.linear`` does -- bf16 operands, float32 sums, a bf16 output -- except that the bias is added
+in float32 before the output's one rounding (autocast rounds the bias to bf16 first), and the weight's and
+bias's gradients are summed and returned in float32.
+
+Everywhere else -- GPUs, float64, a bf16 model outside autocast, compile and tracing -- :func:`linear` is
+``F.linear``, which is also the reference the kernel is tested against.
 """
 
 from __future__ import annotations
@@ -16,35 +26,68 @@ from din_torchrec.ops import native
 
 
 class _NativeLinear(torch.autograd.Function):
+    """``x: [M, I]`` float32 or bf16 (the kernel's compute type), ``weight: [O, I]``, ``bias: [O]`` or None,
+    ``add: [M, O]`` or None (bf16 ``x`` only: added in float32 before the output's rounding)."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, add: torch.Tensor | None
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return native.kernels().linear_forward(x, weight, bias)  # type: ignore[union-attr]
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.add_dtype = None if add is None else add.dtype
+        return native.kernels().linear_forward(x, weight, bias, add)  # type: ignore[union-attr]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        need_dx, need_dw, need_db = ctx.needs_input_grad
-        dx = dw = None
-        if need_dx or need_dw:
-            dx, dw = native.kernels().linear_backward(grad, x, weight, need_dx, need_dw)  # type: ignore[union-attr]
-        db = grad.sum(0) if ctx.has_bias and need_db else None
-        return (dx if need_dx else None), (dw if need_dw else None), db
+        need_dx, need_dw, need_db, need_dadd = ctx.needs_input_grad
+        need_db = need_db and ctx.bias_dtype is not None
+        grad = grad.to(x.dtype)
+        dx, dw, db = native.kernels().linear_backward(  # type: ignore[union-attr]
+            grad, x, weight, need_dx, need_dw, need_db
+        )
+        return (
+            dx if need_dx else None,
+            dw.to(weight.dtype) if need_dw else None,
+            db.to(ctx.bias_dtype) if need_db else None,
+            grad.to(ctx.add_dtype) if need_dadd and ctx.add_dtype is not None else None,
+        )
+
+
+def native_linear_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The compute type :func:`linear` runs its kernel in for these operands (float32, or bf16 under CPU bf16
+    autocast), or ``None`` for ``F.linear``."""
+    if x.dim() != 2 or weight.dim() != 2 or not native.usable(x, (torch.float32, torch.bfloat16)):
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        if torch.get_autocast_dtype("cpu") == torch.bfloat16 and weight.dtype in (
+            torch.float32,
+            torch.bfloat16,
+        ):
+            return torch.bfloat16
+        return None
+    return torch.float32 if x.dtype == weight.dtype == torch.float32 else None
 
 
 def native_linear_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`linear` takes the native path for these operands."""
-    return (
-        x.dim() == 2
-        and weight.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")
-        and native.usable(x)
-    )
+    return native_linear_dtype(x, weight) is not None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias``: ``x: [M, I]``, ``weight: [O, I]``, ``bias: [O]`` -> ``[M, O]``."""
-    if native_linear_usable(x, weight):
-        return _NativeLinear.apply(x, weight, bias)
-    return F.linear(x, weight, bias)
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, add: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ weight.T + bias (+ add)``: ``x: [M, I]``, ``weight: [O, I]``, ``bias: [O]``, ``add: [M, O]`` ->
+    ``[M, O]`` (bf16 under CPU bf16 autocast, as ``F.linear`` / ``addmm`` there)."""
+    dtype = native_linear_dtype(x, weight)
+    if dtype == torch.bfloat16:
+        if add is not None and add.dtype not in (torch.float32, torch.bfloat16):
+            add = add.float()
+        return _NativeLinear.apply(x.to(dtype), weight, bias, add)
+    if dtype == torch.float32:
+        y = _NativeLinear.apply(x, weight, bias, None)
+        return y if add is None else y + add
+    if add is None:
+        return F.linear(x, weight, bias)
+    return torch.addmm(add, x, weight.t()) if bias is None else torch.addmm(add + bias, x, weight.t())

@@ -1,14 +1,25 @@
-// A float32 linear layer, y = x W^T + b, forward and backward, with its products through oneDNN's BRGEMM
-// micro-kernel (small_gemm.h) instead of at::mm / at::addmm: ATen sends float32 matmuls to MKL, which runs its
-// AVX2 code on AMD CPUs (~100 GFLOP/s on one core of this project's Zen 5 machine against ~250 for BRGEMM on
-// the same shapes). Rows are split in blocks of din_gemm::kGemmRowBlock shared among torch's threads.
+// A linear layer, y = x W^T + b, forward and backward, with its products through oneDNN's BRGEMM micro-kernel
+// (small_gemm.h) instead of at::mm / at::addmm, in float32 or in bf16 (bf16 operands, float32 sums).
 //
-// Determinism: each row of y and of dx is one micro-kernel call's, whatever the thread count; dW
-// (din_gemm::gemm_at_b) is the same for a given thread count.
+// float32: ATen sends float32 matmuls to MKL, which runs its AVX2 code on AMD CPUs (~100 GFLOP/s on one core of
+// this project's Zen 5 machine against ~250 for BRGEMM on the same shapes). Rows are split in blocks of
+// din_gemm::kGemmRowBlock shared among torch's threads.
+//
+// bf16 (autocast): ATen's bf16 matmul goes through oneDNN's matmul primitive, built per shape; the models pad
+// jagged row counts to buckets of 1,024 to bound the shapes (modules/mlp.py: ROW_BUCKET), and the padding, its
+// zero fill and the gradient's slice-back cost a DIEN bf16 step ~3 ms. Here every product has a fixed row
+// block (the last one zero-padded in a block buffer): one micro-kernel per layer shape, whatever N, with
+// nothing padded outside the kernel. The bias is added in float32 before the output's one rounding to bf16;
+// dW and db are summed in float32 and returned in float32.
+//
+// Determinism: each row of y and of dx is one micro-kernel call's, whatever the thread count; dW and db
+// (per-thread partial sums in contiguous runs of blocks, added in thread order) are the same for a given
+// thread count.
 #pragma once
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 
 #include "small_gemm.h"
 
@@ -24,11 +35,284 @@ inline void check_2d_f32(const at::Tensor& t, const char* name) {
 
 inline int64_t row_blocks(int64_t m) { return (m + din_gemm::kGemmRowBlock - 1) / din_gemm::kGemmRowBlock; }
 
+using Bf16 = c10::BFloat16;
+
+// get(k, n) for k < K, n < N as a bf16 right-hand side in the micro-kernel's VNNI layout (pairs of rows
+// interleaved), K rounded up to even with a zero row.
+template <typename Get>
+std::vector<Bf16> pack_vnni(int64_t k, int64_t n, Get get) {
+  const int64_t kp = k + (k & 1);
+  std::vector<Bf16> out(kp * n, Bf16(0.0f));
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j < n; ++j) out[((i >> 1) * n + j) * 2 + (i & 1)] = static_cast<Bf16>(get(i, j));
+  return out;
+}
+
+// A row block of a row-major bf16 [m, k] matrix as the micro-kernel's left-hand side of kGemmRowBlock rows
+// and an even K: the rows in place when the block is whole and k even; otherwise copied into buf with zero
+// rows / a zero column. Returns the pointer and sets lda.
+inline const Bf16* lhs_block(const Bf16* src, int64_t m, int64_t k, int64_t r0, std::vector<Bf16>& buf,
+                             int64_t& lda) {
+  constexpr int64_t kb = din_gemm::kGemmRowBlock;
+  const int64_t rows = std::min(kb, m - r0), kp = k + (k & 1);
+  if (rows == kb && kp == k) {
+    lda = k;
+    return src + r0 * k;
+  }
+  buf.assign(kb * kp, Bf16(0.0f));
+  for (int64_t i = 0; i < rows; ++i) std::memcpy(buf.data() + i * kp, src + (r0 + i) * k, sizeof(Bf16) * k);
+  lda = kp;
+  return buf.data();
+}
+
+// Rows [rows, cols] of bf16 as [kGemmRowBlock / 2, cols] 32-bit words, word (p, j) = row 2p's element j in
+// the low half, row 2p + 1's in the high half (little-endian: the VNNI layout); zero past the last row.
+inline void vnni_rows(const Bf16* src, int64_t rows, int64_t cols, uint32_t* __restrict__ out) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  const int64_t pairs = din_gemm::kGemmRowBlock / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    uint32_t* __restrict__ w = out + p * cols;
+    const int64_t r = 2 * p;
+    if (r + 1 < rows) {
+      const uint16_t* __restrict__ a = s + r * cols;
+      const uint16_t* __restrict__ b = a + cols;
+      for (int64_t j = 0; j < cols; ++j) w[j] = uint32_t(a[j]) | (uint32_t(b[j]) << 16);
+    } else if (r < rows) {
+      const uint16_t* __restrict__ a = s + r * cols;
+      for (int64_t j = 0; j < cols; ++j) w[j] = uint32_t(a[j]);
+    } else {
+      std::memset(w, 0, sizeof(uint32_t) * cols);
+    }
+  }
+}
+
+inline std::vector<float> bias_values(const std::optional<at::Tensor>& bias, int64_t o) {
+  std::vector<float> out(o, 0.0f);
+  if (bias) {
+    TORCH_CHECK(bias->numel() == o, "native linear: bias has ", bias->numel(), " values, expected ", o);
+    const at::Tensor b = bias->to(at::kFloat).contiguous();
+    std::memcpy(out.data(), b.data_ptr<float>(), sizeof(float) * o);
+  }
+  return out;
+}
+
+// One output (O = 1, a scoring layer): a dot product per row. The micro-kernel with N = 1 wastes its vector
+// width on the output dimension (measured: 26k x 40 -> 1, forward and backward, 1.2x slower than ATen's matmul
+// on padded rows). Same arithmetic: bf16 operands, float32 products and sums, one rounding.
+inline at::Tensor forward_bf16_single(const at::Tensor& x, const std::vector<float>& wv, float b,
+                                      const at::Tensor& plus) {
+  const int64_t m = x.size(0), in = x.size(1);
+  at::Tensor y = at::empty({m, 1}, x.options());
+  const Bf16* xp = x.data_ptr<Bf16>();
+  Bf16* yp = y.data_ptr<Bf16>();
+  const float* w = wv.data();
+  at::parallel_for(0, m, 1024, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const Bf16* __restrict__ xr = xp + r * in;
+      float acc = 0.0f;
+      for (int64_t i = 0; i < in; ++i) acc += static_cast<float>(xr[i]) * w[i];
+      acc += b;
+      if (plus.defined())
+        acc += plus.scalar_type() == at::kFloat ? plus.data_ptr<float>()[r]
+                                                : static_cast<float>(plus.data_ptr<Bf16>()[r]);
+      yp[r] = static_cast<Bf16>(acc);
+    }
+  });
+  return y;
+}
+
+// bf16 x [M, I], weight [O, I] (any float type, rounded to bf16), bias [O] or none, add [M, O] (float32 or
+// bf16) or none -> bf16 y [M, O] = x W^T + b + add, the sums in float32, rounded once.
+inline at::Tensor forward_bf16(const at::Tensor& x_in, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& add) {
+  constexpr int64_t kb = din_gemm::kGemmRowBlock;
+  const at::Tensor x = x_in.contiguous();
+  const int64_t m = x.size(0), in = x.size(1), o = weight.size(0), kp = in + (in & 1);
+  const at::Tensor wf = weight.to(at::kFloat).contiguous();
+  const float* wp = wf.data_ptr<float>();
+  const std::vector<float> bv = bias_values(bias, o);
+  at::Tensor plus;
+  if (add) {
+    TORCH_CHECK(add->dim() == 2 && add->size(0) == m && add->size(1) == o &&
+                    (add->scalar_type() == at::kFloat || add->scalar_type() == at::kBFloat16),
+                "native linear: add must be float32 or bf16 [", m, ", ", o, "]");
+    plus = add->contiguous();
+  }
+  if (o == 1) {
+    std::vector<float> wv(in);
+    for (int64_t i = 0; i < in; ++i) wv[i] = static_cast<float>(static_cast<Bf16>(wp[i]));
+    return forward_bf16_single(x, wv, bv[0], plus);
+  }
+  const std::vector<Bf16> wb = pack_vnni(in, o, [&](int64_t i, int64_t j) { return wp[j * in + i]; });
+  at::Tensor y = at::empty({m, o}, x.options());
+  const Bf16* xp = x.data_ptr<Bf16>();
+  Bf16* yp = y.data_ptr<Bf16>();
+  at::parallel_for(0, row_blocks(m), 1, [&](int64_t k0, int64_t k1) {
+    std::vector<Bf16> abuf;
+    std::vector<float> c(kb * o);
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t r0 = k * kb, rows = std::min(kb, m - r0);
+      int64_t lda = 0;
+      const Bf16* a = lhs_block(xp, m, in, r0, abuf, lda);
+      at::native::cpublas::brgemm(kb, o, kp, lda, o, o, false, a, wb.data(), c.data(), true);
+      if (plus.defined() && plus.scalar_type() == at::kFloat) {
+        const float* ap = plus.data_ptr<float>() + r0 * o;
+        for (int64_t i = 0; i < rows * o; ++i) c[i] += ap[i];
+      } else if (plus.defined()) {
+        const Bf16* ap = plus.data_ptr<Bf16>() + r0 * o;
+        for (int64_t i = 0; i < rows * o; ++i) c[i] += static_cast<float>(ap[i]);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* __restrict__ ci = c.data() + i * o;
+        Bf16* __restrict__ yi = yp + (r0 + i) * o;
+        for (int64_t j = 0; j < o; ++j) yi[j] = static_cast<Bf16>(ci[j] + bv[j]);
+      }
+    }
+  });
+  return y;
+}
+
+// forward_bf16_single's backward: dx = dy w (one rounding per element), dW = sum_r dy_r x_r and db = sum_r dy_r
+// in float32 (per-thread partial sums in contiguous row runs, added in thread order).
+inline std::vector<at::Tensor> backward_bf16_single(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight,
+                                                    bool need_dx, bool need_dw, bool need_db) {
+  const int64_t m = x.size(0), in = x.size(1);
+  const at::Tensor wf = weight.to(at::kFloat).contiguous();
+  std::vector<float> wv(in);
+  for (int64_t i = 0; i < in; ++i) wv[i] = static_cast<float>(static_cast<Bf16>(wf.data_ptr<float>()[i]));
+  const Bf16* gp = g.data_ptr<Bf16>();
+  const Bf16* xp = x.data_ptr<Bf16>();
+  at::Tensor dx, dw, db;
+  if (need_dx) {
+    dx = at::empty({m, in}, x.options());
+    Bf16* dxp = dx.data_ptr<Bf16>();
+    const float* w = wv.data();
+    at::parallel_for(0, m, 1024, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float gr = static_cast<float>(gp[r]);
+        Bf16* __restrict__ d = dxp + r * in;
+        for (int64_t i = 0; i < in; ++i) d[i] = static_cast<Bf16>(gr * w[i]);
+      }
+    });
+  }
+  if (need_dw || need_db) {
+    const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (m + 1023) / 1024));
+    const at::TensorOptions f32 = x.options().dtype(at::kFloat);
+    at::Tensor parts = at::zeros({threads, in + 1}, f32);  // dW's row, then db
+    float* pp = parts.data_ptr<float>();
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        float* __restrict__ acc = pp + t * (in + 1);
+        float sum = 0.0f;
+        for (int64_t r = m * t / threads; r < m * (t + 1) / threads; ++r) {
+          const float gr = static_cast<float>(gp[r]);
+          const Bf16* __restrict__ xr = xp + r * in;
+          sum += gr;
+          for (int64_t i = 0; i < in; ++i) acc[i] += gr * static_cast<float>(xr[i]);
+        }
+        acc[in] = sum;
+      }
+    });
+    at::Tensor total = parts[0];
+    for (int64_t t = 1; t < threads; ++t) total = total + parts[t];
+    if (need_dw) dw = total.narrow(0, 0, in).reshape({1, in}).contiguous();
+    if (need_db) db = total.narrow(0, in, 1).contiguous();
+  }
+  return {dx, dw, db};
+}
+
+// bf16 grad_y [M, O], bf16 x [M, I], weight [O, I] -> {dx bf16 [M, I], dW float32 [O, I], db float32 [O]}
+// (each undefined unless asked for).
+inline std::vector<at::Tensor> backward_bf16(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                             const at::Tensor& weight, bool need_dx, bool need_dw, bool need_db) {
+  constexpr int64_t kb = din_gemm::kGemmRowBlock;
+  const at::Tensor g = grad_in.contiguous(), x = x_in.contiguous();
+  const int64_t m = x.size(0), in = x.size(1), o = weight.size(0), op = o + (o & 1);
+  TORCH_CHECK(g.size(0) == m && g.size(1) == o, "native linear: grad_y must be [", m, ", ", o, "]");
+  if (o == 1) return backward_bf16_single(g, x, weight, need_dx, need_dw, need_db);
+  const Bf16* gp = g.data_ptr<Bf16>();
+  const Bf16* xp = x.data_ptr<Bf16>();
+  const int64_t blocks = row_blocks(m);
+  at::Tensor dx, dw, db;
+  if (need_dx) {
+    const at::Tensor wf = weight.to(at::kFloat).contiguous();
+    const float* wp = wf.data_ptr<float>();
+    const std::vector<Bf16> wb = pack_vnni(o, in, [&](int64_t i, int64_t j) { return wp[i * in + j]; });
+    dx = at::empty({m, in}, x.options());
+    Bf16* dxp = dx.data_ptr<Bf16>();
+    at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+      std::vector<Bf16> abuf;
+      std::vector<float> c(kb * in);
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t r0 = k * kb, rows = std::min(kb, m - r0);
+        int64_t lda = 0;
+        const Bf16* a = lhs_block(gp, m, o, r0, abuf, lda);
+        at::native::cpublas::brgemm(kb, in, op, lda, in, in, false, a, wb.data(), c.data(), true);
+        for (int64_t i = 0; i < rows; ++i) {
+          const float* __restrict__ ci = c.data() + i * in;
+          Bf16* __restrict__ di = dxp + (r0 + i) * in;
+          for (int64_t j = 0; j < in; ++j) di[j] = static_cast<Bf16>(ci[j]);
+        }
+      }
+    });
+  }
+  if (need_dw || need_db) {
+    // dW = sum over row blocks of (grad block)^T (x block): the grad block transposed into gt ([O, kb], zero
+    // columns past the last row), the x block in VNNI layout (zero rows past it); db = grad's column sums.
+    const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+    const at::TensorOptions f32 = x.options().dtype(at::kFloat);
+    at::Tensor dw_parts = at::zeros({threads, o, in}, f32), db_parts = at::zeros({threads, o}, f32);
+    float* dwp = dw_parts.data_ptr<float>();
+    float* dbp = db_parts.data_ptr<float>();
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<Bf16> gt(o * kb);
+      std::vector<uint32_t> gv(kb / 2 * o), xv(kb / 2 * in);
+      for (int64_t t = t0; t < t1; ++t) {
+        float* __restrict__ dbt = dbp + t * o;
+        for (int64_t k = blocks * t / threads; k < blocks * (t + 1) / threads; ++k) {
+          const int64_t r0 = k * kb, rows = std::min(kb, m - r0);
+          if (need_db)
+            for (int64_t i = 0; i < rows; ++i) {
+              const Bf16* __restrict__ gi = gp + (r0 + i) * o;
+              for (int64_t j = 0; j < o; ++j) dbt[j] += static_cast<float>(gi[j]);
+            }
+          if (!need_dw) continue;
+          // Both operands as pairs of rows in 32-bit words (VNNI): x's is the right-hand side itself; the
+          // grad's, transposed as words ([O, kb / 2]), is the grad block transposed ([O, kb] bf16), since each
+          // word holds one column's two consecutive rows.
+          vnni_rows(gp + r0 * o, rows, o, gv.data());
+          vnni_rows(xp + r0 * in, rows, in, xv.data());
+          din_gemm::transpose_u32(gv.data(), o, reinterpret_cast<uint32_t*>(gt.data()), kb / 2, kb / 2, o);
+          at::native::cpublas::brgemm(o, in, kb, kb, in, in, true, gt.data(), reinterpret_cast<const Bf16*>(xv.data()),
+                                      dwp + t * o * in, true);
+        }
+      }
+    });
+    if (need_dw) {
+      dw = dw_parts[0];
+      for (int64_t t = 1; t < threads; ++t) dw = dw + dw_parts[t];
+    }
+    if (need_db) {
+      db = db_parts[0];
+      for (int64_t t = 1; t < threads; ++t) db = db + db_parts[t];
+    }
+  }
+  return {dx, dw, db};
+}
+
 }  // namespace din_linear
 
 // x [M, I], weight [O, I], bias [O] or none -> y [M, O].
-inline at::Tensor linear_forward(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias) {
+// bf16 x: forward_bf16 (add, [M, O] or none, added before the output's rounding); float32 x: no add.
+inline at::Tensor linear_forward(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias,
+                                 std::optional<at::Tensor> add) {
   using namespace din_linear;
+  if (x.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+                "native linear: bf16 x [M, I] and weight [O, I] expected");
+    return forward_bf16(x, weight, bias, add);
+  }
+  TORCH_CHECK(!add, "native linear: add is for bf16 x only");
   check_2d_f32(x, "x");
   check_2d_f32(weight, "weight");
   TORCH_CHECK(x.size(1) == weight.size(1), "native linear: x has ", x.size(1), " columns, weight expects ",
@@ -58,12 +342,19 @@ inline at::Tensor linear_forward(at::Tensor x, at::Tensor weight, std::optional<
   return y;
 }
 
-// grad_y [M, O], x [M, I], weight [O, I] -> {dx [M, I] (undefined unless need_dx), dW [O, I] (unless need_dw)}.
-// The bias's gradient is grad_y's column sums (left to the caller).
+// grad_y [M, O], x [M, I], weight [O, I] -> {dx [M, I] (undefined unless need_dx), dW [O, I] (unless need_dw),
+// db [O] (unless need_db)}: float32, or for bf16 grad_y and x (forward_bf16's backward) dx in bf16, dW and db in
+// float32.
 inline std::vector<at::Tensor> linear_backward(at::Tensor grad_y, at::Tensor x, at::Tensor weight, bool need_dx,
-                                               bool need_dw) {
+                                               bool need_dw, bool need_db) {
   using namespace din_linear;
   constexpr int64_t kb = din_gemm::kGemmRowBlock;
+  if (x.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(grad_y.scalar_type() == at::kBFloat16 && grad_y.dim() == 2 && x.dim() == 2 && weight.dim() == 2 &&
+                    x.size(1) == weight.size(1),
+                "native linear: bf16 grad_y [M, O], x [M, I] and weight [O, I] expected");
+    return backward_bf16(grad_y, x, weight, need_dx, need_dw, need_db);
+  }
   check_2d_f32(grad_y, "grad_y");
   check_2d_f32(x, "x");
   check_2d_f32(weight, "weight");
@@ -88,5 +379,5 @@ inline std::vector<at::Tensor> linear_backward(at::Tensor grad_y, at::Tensor x, 
     });
   }
   if (need_dw) dw = din_gemm::gemm_at_b(m, o, in, gp, xp, x.options());
-  return {dx, dw};
+  return {dx, dw, need_db ? grad_y.sum(0) : at::Tensor()};
 }

@@ -30,8 +30,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lau_first_backward", &lau_first_backward, "its backward: db, dc, da_t, dp_t, dk");
   m.def("weighted_segment_sum", &weighted_segment_sum, "sum over each sample's rows of w b");
   m.def("weighted_segment_sum_backward", &weighted_segment_sum_backward, "grad_b, grad_w");
-  m.def("linear_forward", &linear_forward, "float32 x W^T + b through oneDNN BRGEMM (row blocks among threads)");
-  m.def("linear_backward", &linear_backward, "its backward: dx, dW");
+  m.def("linear_forward", &linear_forward,
+        "x W^T + b through oneDNN BRGEMM in float32 or bf16 (row blocks among threads)");
+  m.def("linear_backward", &linear_backward, "its backward: dx, dW, db");
   m.def("pair_loss_fused", &pair_loss_fused,
         "DIEN's auxiliary pair loss, forward and backward in blocks of rows: loss, g_hs, g_x, g_w..., g_b...");
   m.def("recurrence_forward", &recurrence_forward, "packed gated recurrence: out, sig, cand, hh_n");

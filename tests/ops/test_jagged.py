@@ -179,6 +179,27 @@ def test_first_layer_takes_the_matmul_for_unsorted_rows_bf16_and_float64() -> No
     assert type(jagged.first_layer(*wide[:2], seg, *wide[2:]).grad_fn).__name__ != "_FirstLayerBackward"
 
 
+def test_first_layer_under_bf16_autocast_is_the_linear_kernel_with_added_rows() -> None:
+    # Under bf16 the [N, 2D] product runs through the BRGEMM linear kernel with k[seg] added before its one
+    # rounding: autocast's padded addmm (first_layer_reference) to a bf16 step, values and every gradient.
+    inputs, seg = _first_layer_inputs([7, 0, 1, 30] * 80, 16, 24, 5)
+    g = torch.randn(seg.numel(), 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _value_and_grads(lambda: jagged.first_layer(*inputs[:2], seg, *inputs[2:]), inputs, g)
+        assert (
+            type(jagged.first_layer(*inputs[:2], seg, *inputs[2:]).grad_fn).__name__
+            == "_NativeLinearBackward"
+        )
+        want = _value_and_grads(
+            lambda: jagged.first_layer_reference(*inputs[:2], seg, *inputs[2:]), inputs, g
+        )
+    assert got[0].dtype == want[0].dtype == torch.bfloat16
+    scale = float(want[0].detach().abs().max())
+    torch.testing.assert_close(got[0].double(), want[0].double(), rtol=2**-7, atol=2**-7 * scale)
+    for a, e in zip(got[1], want[1]):
+        torch.testing.assert_close(a.double(), e.double(), rtol=2**-6, atol=2**-6 * float(e.abs().max()))
+
+
 def test_first_layer_kernel_is_the_same_with_two_threads() -> None:
     inputs, seg = _first_layer_inputs([7, 0, 1, 30] * 300, 16, 24, 4)
     g = torch.randn(seg.numel(), 24)

@@ -1,7 +1,8 @@
-"""The float32 CPU linear layer through oneDNN's BRGEMM (din_torchrec.ops.linear, ``linear_kernel.h``) against
-``F.linear`` in float64: output and every gradient, on shapes around the kernel's row blocks (128 rows) --
-empty, one row, a block and one row over -- with and without bias, for 1, 2 and 3 threads; where it must not
-run (autocast, float64) it is ``F.linear`` itself."""
+"""The CPU linear layer through oneDNN's BRGEMM (din_torchrec.ops.linear, ``linear_kernel.h``), float32 and bf16
+(autocast), against ``F.linear`` in float64: output and every gradient, on shapes around the kernel's row blocks
+(128 rows) -- empty, one row, a block and one row over -- and odd widths (bf16 pairs rows of its operands),
+with and without bias (and bf16's added rows), for 1, 2 and 3 threads; where it must not run (float16
+autocast, float64) it is ``F.linear`` itself."""
 
 from __future__ import annotations
 
@@ -89,13 +90,17 @@ def test_falls_back_to_f_linear_where_the_kernel_does_not_apply(monkeypatch) -> 
     real = linear_module._NativeLinear.apply
     monkeypatch.setattr(linear_module._NativeLinear, "apply", lambda *a: calls.append(1) or real(*a))
     x, w, b, _ = _case(50, 8, 4, True, 2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.float16):
         y = linear(x, w, b)
-    assert y.dtype == torch.bfloat16 and not calls  # autocast: F.linear in bf16
+    assert y.dtype == torch.float16 and not calls  # float16 autocast: F.linear
     y = linear(x.double(), w.double(), b.double())
     assert y.dtype == torch.float64 and not calls
+    y = linear(x.bfloat16(), w.bfloat16(), b.bfloat16())
+    assert y.dtype == torch.bfloat16 and not calls  # a bf16 model outside autocast: F.linear
     linear(x, w, b)
-    assert calls == [1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear(x, w, b)
+    assert y.dtype == torch.bfloat16 and calls == [1, 1]
 
 
 def test_mlp_in_float32_runs_the_kernel_and_matches_its_reference(monkeypatch) -> None:
@@ -116,3 +121,110 @@ def test_mlp_in_float32_runs_the_kernel_and_matches_its_reference(monkeypatch) -
     )
     for a, e in zip(gy, gref):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+def _bf16(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().bfloat16().double().requires_grad_()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.sampled_from([0, 1, 2, 127, 128, 129, 300]),
+    i=st.integers(1, 70),
+    o=st.integers(1, 60),
+    bias=st.booleans(),
+    add=st.sampled_from([None, torch.float32, torch.bfloat16]),
+    threads=st.sampled_from([1, 2, 3]),
+    seed=st.integers(0, 10_000),
+)
+def test_bf16_native_linear_equals_float64_reference_on_its_operands(
+    m, i, o, bias, add, threads, seed
+) -> None:
+    # What autocast's F.linear computes: bf16 operands (x, W; the gradient arriving in bf16), exact products
+    # summed in float32, the output and dx rounded to bf16 once -- here with the bias (float32) and the added
+    # rows inside that one rounding -- dW and db summed in float32 and returned in float32.
+    x, w, b, g = _case(m, i, o, bias, seed)
+    extra = None
+    if add is not None:
+        extra = torch.randn(m, o, generator=torch.Generator().manual_seed(seed + 1)).to(add).requires_grad_()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert linear_module.native_linear_dtype(x, w) == torch.bfloat16
+            y = linear(x, w, b, add=extra)
+        inputs = [t for t in (x, w, b, extra) if t is not None]
+        got = [y.detach(), *torch.autograd.grad(y, inputs, g.bfloat16())]
+    finally:
+        torch.set_num_threads(before)
+    assert y.dtype == torch.bfloat16 and got[1].dtype == torch.float32  # dx of the float32 x: cast back
+    ref_in = [_bf16(x), _bf16(w), None if b is None else b.detach().double().requires_grad_()]
+    ref_extra = None if extra is None else extra.detach().double().requires_grad_()
+    want_y = F.linear(*ref_in) + (0 if ref_extra is None else ref_extra)
+    want = [
+        want_y,
+        *torch.autograd.grad(
+            want_y, [t for t in (*ref_in, ref_extra) if t is not None], g.bfloat16().double()
+        ),
+    ]
+    # y and dx: one bf16 rounding (relative 2^-8) of a float32 sum; dW, db, d(add): float32 sums of exact products.
+    torch.testing.assert_close(got[0].double(), want[0], rtol=2**-8, atol=1e-3)
+    torch.testing.assert_close(got[1].double(), want[1], rtol=2**-8, atol=1e-3)
+    for a, e in zip(got[2:], want[2:]):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-4)
+
+
+def test_bf16_kernel_agrees_with_autocasts_f_linear() -> None:
+    # Against the op it replaces (bias rounded to bf16 there, not here): within a bf16 step of each other.
+    x, w, b, g = _case(1000, 64, 80, True, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = _grads(linear, x, w, b, g.bfloat16())
+        theirs = _grads(F.linear, x, w, b, g.bfloat16())
+    for a, e in zip(ours, theirs):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a.double(), e.double(), rtol=2**-7, atol=2e-2 * float(e.abs().max()))
+
+
+def test_bf16_rows_and_input_gradients_do_not_depend_on_the_thread_count() -> None:
+    x, w, b, g = _case(1000, 40, 24, True, 3)
+    g = g.bfloat16()
+    runs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                runs.append(_grads(linear, x, w, b, g))
+    finally:
+        torch.set_num_threads(before)
+    for other in runs[1:]:
+        assert torch.equal(runs[0][0], other[0]) and torch.equal(runs[0][1], other[1])
+        for a, e in zip(runs[0][2:], other[2:]):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4)
+
+
+def test_mlp_under_bf16_autocast_runs_the_kernel_without_padding_rows(monkeypatch) -> None:
+    # Every layer through the kernel (spy), none through the row-bucket padding, and the result equals the
+    # plain layers under autocast to a bf16 step.
+    from din_torchrec.modules import mlp as mlp_module
+
+    calls, padded = [], []
+    real = linear_module._NativeLinear.apply
+    monkeypatch.setattr(linear_module._NativeLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    real_pad = torch.nn.functional.pad
+    monkeypatch.setattr(torch.nn.functional, "pad", lambda *a, **k: padded.append(1) or real_pad(*a, **k))
+    torch.manual_seed(0)
+    # sigmoid, not relu: a smooth activation, so that a pre-activation a bf16 step either side of a kink cannot
+    # send the two runs' gradients down different paths.
+    mlp = MLP(12, [20, 10], activation="sigmoid", out_features=1)
+    x = torch.randn(3 * mlp_module.ROW_BUCKET + 5, 12, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mlp(x)
+        ref = mlp.layers(x)
+    assert len(calls) == 3 and not padded and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), ref.double(), rtol=2**-6, atol=2e-2)
+    gy = torch.autograd.grad(y.float().sum(), [x, *mlp.parameters()])
+    gref = torch.autograd.grad(ref.float().sum(), [x, *mlp.parameters()])
+    for a, e in zip(gy, gref):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a.double(), e.double(), rtol=2**-5, atol=3e-2 * float(e.abs().max()))
