@@ -73,6 +73,7 @@ class _SigmoidMLPPairLoss(torch.autograd.Function):
     ) -> torch.Tensor:
         n, h = states.shape
         dev = states.device
+        states_dtype, beh_dtype, neg_dtype = states.dtype, behaviours.dtype, negatives.dtype
         acc = torch.promote_types(dtype, torch.float32)  # logits, loss, gradient sums: float32 under bf16
         weights = [w.to(dtype) for w in params[0::2]]
         biases = [b.to(dtype) for b in params[1::2]]
@@ -80,23 +81,27 @@ class _SigmoidMLPPairLoss(torch.autograd.Function):
         grads = any(ctx.needs_input_grad)
 
         if native_usable(states, behaviours, weights, dtype):
-            # The whole net forward and backward in blocks of rows, in C++ (pair_loss_kernel.h).
-            hs = states.new_zeros(n, h, dtype=dtype)
-            hs[1:] = states[: n - 1]  # target row j pairs with state j - 1 (row 0 is masked out)
+            # The whole net forward and backward in blocks of rows, in C++ (pair_loss_kernel.h). It pairs target
+            # row j with state j - 1 itself and reads float32 inputs directly (rounding them block by block
+            # under bf16); its gradients come back in float32, the states' aligned with the states.
+            same = states.dtype == behaviours.dtype == negatives.dtype
+            if not (same and states.dtype in (dtype, torch.float32)):
+                states, behaviours, negatives = (t.to(dtype) for t in (states, behaviours, negatives))
             res = native.kernels().pair_loss_fused(  # type: ignore[union-attr]
-                hs,
-                behaviours.to(dtype).contiguous(),
-                negatives.to(dtype).contiguous(),
+                states.contiguous(),
+                behaviours.contiguous(),
+                negatives.contiguous(),
                 is_target.to(torch.float32),
                 weights,
                 biases,
                 scale,
                 grads,
+                dtype == torch.bfloat16,
             )
             loss = res[0].to(acc)
             if grads:
                 k = len(weights)
-                g_hs, g_x, g_w, g_b = res[1], res[2], res[3 : 3 + k], res[3 + k :]
+                g_states, g_x, g_w, g_b = res[1], res[2], res[3 : 3 + k], res[3 + k :]
         else:
             # Chunks of equal size, rounded up to a multiple of 256 rows: a bounded set of matmul shapes (one
             # oneDNN primitive each under bf16) without padding a small batch up to a whole CHUNK_ROWS.
@@ -117,26 +122,32 @@ class _SigmoidMLPPairLoss(torch.autograd.Function):
             )
             if grads:
                 g_hs, g_x, g_w, g_b = grad_parts
+                g_states = torch.zeros_like(g_hs[:n])
+                g_states[: n - 1] = g_hs[1:n]  # state j - 1 got the gradient of target row j
         if grads:
-            ctx.save_for_backward(g_hs, g_x, *g_w, *g_b)
-            ctx.meta = (n, states.dtype, behaviours.dtype, negatives.dtype, [t.dtype for t in params])
+            ctx.save_for_backward(g_states, g_x, *g_w, *g_b)
+            ctx.meta = (n, states_dtype, beh_dtype, neg_dtype, [t.dtype for t in params])
         return loss * scale
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         n, state_dtype, beh_dtype, neg_dtype, param_dtypes = ctx.meta
-        g_hs, g_x, *rest = ctx.saved_tensors
+        g_states, g_x, *rest = ctx.saved_tensors
         k = len(rest) // 2
         g = grad.to(rest[0].dtype)
-        d_states = torch.zeros(n, g_hs.shape[1], dtype=state_dtype, device=g_hs.device)
-        d_states[: n - 1] = g_hs[1:n] * g  # state j - 1 got the gradient of target row j
+        # The loss usually enters the total with weight 1: no pass over the gradients to multiply by it.
+        one = grad.device.type == "cpu" and float(grad) == 1.0
+
+        def scaled(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            return (t if one else t * g).to(dtype)
+
         params = []
         for gw, gb, tw, tb in zip(rest[:k], rest[k:], param_dtypes[0::2], param_dtypes[1::2]):
-            params += [(gw * g).to(tw), (gb * g).to(tb)]
+            params += [scaled(gw, tw), scaled(gb, tb)]
         return (
-            d_states,
-            (g_x[0, :n] * g).to(beh_dtype),
-            (g_x[1, :n] * g).to(neg_dtype),
+            scaled(g_states, state_dtype),
+            scaled(g_x[0, :n], beh_dtype),
+            scaled(g_x[1, :n], neg_dtype),
             None,
             None,
             None,

@@ -16,7 +16,7 @@
 //
 // Determinism: blocks go to threads in contiguous runs; each thread sums its blocks' loss and weight / bias
 // gradients in its own float32 buffers, added in thread order at the end: the same result for a given thread
-// count. Rows of g_hs / g_x belong to one block each.
+// count. Rows of g_states / g_x belong to one block each.
 #pragma once
 
 #include <torch/extension.h>
@@ -126,11 +126,19 @@ struct Work {
   std::vector<T> dz, dz_t, ds, ds_t;        // gradients fed into products: row-major and transposed
 };
 
-template <typename T>
-std::vector<at::Tensor> fused_impl(const at::Tensor& hs, const at::Tensor& behaviours, const at::Tensor& negatives,
-                                   const at::Tensor& mask, const std::vector<at::Tensor>& weights,
-                                   const std::vector<at::Tensor>& biases, double scale, bool grads) {
-  const int64_t n = hs.size(0), h = hs.size(1), d = behaviours.size(1), k = weights.size();
+// n rows of In (float32 or T) widened / rounded to T.
+template <typename T, typename In>
+inline void convert_rows(const In* __restrict__ src, int64_t count, T* __restrict__ dst) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// T: the compute type; In: the inputs' type (T, or float32 read and rounded block by block).
+template <typename T, typename In>
+std::vector<at::Tensor> fused_impl(const at::Tensor& states, const at::Tensor& behaviours,
+                                   const at::Tensor& negatives, const at::Tensor& mask,
+                                   const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases,
+                                   double scale, bool grads) {
+  const int64_t n = states.size(0), h = states.size(1), d = behaviours.size(1), k = weights.size();
   std::vector<int64_t> width(k);  // output width of each layer; width[k - 1] == 1
   for (int64_t j = 0; j < k; ++j) width[j] = weights[j].size(0);
   const int64_t l0 = width[0], last_in = width[k - 2];
@@ -160,17 +168,21 @@ std::vector<at::Tensor> fused_impl(const at::Tensor& hs, const at::Tensor& behav
   const float* w_last = wf[k - 1].data_ptr<float>();
   const float b_last = bf[k - 1].data_ptr<float>()[0];
 
-  const T* hsp = hs.data_ptr<T>();
-  const T* bp = behaviours.data_ptr<T>();
-  const T* np = negatives.data_ptr<T>();
+  const In* sp = states.data_ptr<In>();
+  const In* bp = behaviours.data_ptr<In>();
+  const In* np = negatives.data_ptr<In>();
   const float* mp = mask.data_ptr<float>();
-  at::Tensor g_hs, g_x;
+  // Gradients in float32, the states' already aligned with them (target row j's goes to state j - 1; the last
+  // state is no pair's and gets zero).
+  at::Tensor g_states, g_x;
+  const at::TensorOptions f32 = mask.options();
   if (grads) {
-    g_hs = at::empty({n, h}, hs.options());
-    g_x = at::empty({2, n, d}, hs.options());
+    g_states = at::empty({n, h}, f32);
+    if (n > 0) g_states[n - 1].zero_();
+    g_x = at::empty({2, n, d}, f32);
   }
-  T* ghp = grads ? g_hs.data_ptr<T>() : nullptr;
-  T* gxp = grads ? g_x.data_ptr<T>() : nullptr;
+  float* gsp = grads ? g_states.data_ptr<float>() : nullptr;
+  float* gxp = grads ? g_x.data_ptr<float>() : nullptr;
 
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
@@ -216,9 +228,12 @@ std::vector<at::Tensor> fused_impl(const at::Tensor& hs, const at::Tensor& behav
         // a kernel per last-block size had grown DIEN training by ~600 MB).
         const int64_t half = kBlock;
         const int64_t rows = 2 * half;  // scored rows: positives [0, half), negatives [half, 2 half)
-        std::copy(hsp + r0 * h, hsp + (r0 + m) * h, w.hs.data());
-        std::copy(bp + r0 * d, bp + (r0 + m) * d, w.x.data());
-        std::copy(np + r0 * d, np + (r0 + m) * d, w.x.data() + half * d);
+        // Target row r0 + i pairs with state r0 + i - 1; the very first row has none (zeros, masked out).
+        const int64_t first = r0 == 0 ? 1 : 0;
+        if (first) std::fill(w.hs.data(), w.hs.data() + h, T(0));
+        convert_rows(sp + (r0 + first - 1) * h, (m - first) * h, w.hs.data() + first * h);
+        convert_rows(bp + r0 * d, m * d, w.x.data());
+        convert_rows(np + r0 * d, m * d, w.x.data() + half * d);
         if (m < half) {
           std::fill(w.hs.data() + m * h, w.hs.data() + half * h, T(0));
           std::fill(w.x.data() + m * d, w.x.data() + half * d, T(0));
@@ -330,24 +345,20 @@ std::vector<at::Tensor> fused_impl(const at::Tensor& hs, const at::Tensor& behav
         transpose_to<T>(w.da.data(), w.ds_t.data(), half, l0, kBlock);
         mm<T>(l0, h, half, w.ds_t.data(), kBlock, as_b<T>(w.hs.data(), w.hs_b, half, h), w.gw0h.data(), h, true);
         mm<T>(half, h, l0, w.ds.data(), l0, bb_h.data(), w.out.data(), h, false);
-        for (int64_t i = 0; i < m; ++i)
-          for (int64_t c = 0; c < h; ++c) ghp[(r0 + i) * h + c] = static_cast<T>(w.out[i * h + c]);
+        for (int64_t i = first; i < m; ++i)
+          std::memcpy(gsp + (r0 + i - 1) * h, w.out.data() + i * h, sizeof(float) * h);
         mm<T>(rows, d, l0, w.dz.data(), l0, bb_e.data(), w.out.data(), d, false);
-        for (int64_t i = 0; i < m; ++i)
-          for (int64_t c = 0; c < d; ++c) {
-            gxp[(r0 + i) * d + c] = static_cast<T>(w.out[i * d + c]);
-            gxp[(n + r0 + i) * d + c] = static_cast<T>(w.out[(half + i) * d + c]);
-          }
+        std::memcpy(gxp + r0 * d, w.out.data(), sizeof(float) * m * d);
+        std::memcpy(gxp + (n + r0) * d, w.out.data() + half * d, sizeof(float) * m * d);
       }
     }
   });
 
-  const at::TensorOptions f32 = mask.options();
   double loss = 0.0;
   for (const Work<T>& w : works) loss += w.loss;
   std::vector<at::Tensor> out{at::full({}, loss, f32)};
   if (!grads) return out;
-  out.push_back(g_hs);
+  out.push_back(g_states);
   out.push_back(g_x);
   for (int64_t j = 0; j < k; ++j) {
     at::Tensor sum;
@@ -376,36 +387,47 @@ std::vector<at::Tensor> fused_impl(const at::Tensor& hs, const at::Tensor& behav
 
 }  // namespace din_pair_loss
 
-// hs [n, H] (state j - 1 in row j, row 0 zeros), behaviours / negatives [n, D], all of the compute type (float32
-// or bfloat16); mask [n] float32 (1 for a pair's target row); the scorer's weights [L_j, in_j] and biases (any
-// float type; read as float32). Returns {loss, g_hs [n, H], g_x [2, n, D], g_w... , g_b...}: the loss summed over
-// the pairs' softplus terms (not yet divided by the pair count), the input gradients (compute type) and the
-// weight / bias gradients (float32) of the mean (scale = 1 / pairs) -- or {loss} alone when grads is false.
-// bf16 needs even H, D and hidden widths (the micro-kernel's right-hand sides pair rows).
-inline std::vector<at::Tensor> pair_loss_fused(at::Tensor hs, at::Tensor behaviours, at::Tensor negatives,
+// states [n, H] (target row j pairs with state j - 1; row 0 is no pair's target), behaviours / negatives [n, D],
+// all three float32 or all of the compute type (bf16 when compute_bf16, else float32; float32 inputs are rounded
+// block by block); mask [n] float32 (1 for a pair's target row); the scorer's weights [L_j, in_j] and biases (any
+// float type; read as float32). Returns {loss, g_states [n, H], g_x [2, n, D], g_w... , g_b...}: the loss summed
+// over the pairs' softplus terms (not yet divided by the pair count), the input gradients (float32, g_states
+// aligned with states) and the weight / bias gradients (float32) of the mean (scale = 1 / pairs) -- or {loss}
+// alone when grads is false. bf16 needs even H, D and hidden widths (the micro-kernel's right-hand sides pair
+// rows).
+inline std::vector<at::Tensor> pair_loss_fused(at::Tensor states, at::Tensor behaviours, at::Tensor negatives,
                                                at::Tensor mask, std::vector<at::Tensor> weights,
-                                               std::vector<at::Tensor> biases, double scale, bool grads) {
-  TORCH_CHECK(hs.device().is_cpu() && hs.dim() == 2 && hs.is_contiguous(), "pair loss: hs must be [n, H]");
-  const auto dt = hs.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "pair loss: float32 or bfloat16 inputs, got ", dt);
+                                               std::vector<at::Tensor> biases, double scale, bool grads,
+                                               bool compute_bf16) {
+  TORCH_CHECK(states.device().is_cpu() && states.dim() == 2 && states.is_contiguous(),
+              "pair loss: states must be contiguous [n, H]");
+  const auto dt = states.scalar_type();
+  const auto ct = compute_bf16 ? at::kBFloat16 : at::kFloat;
+  TORCH_CHECK(dt == at::kFloat || dt == ct, "pair loss: inputs must be float32 or of the compute type ", ct,
+              ", got ", dt);
   TORCH_CHECK(behaviours.scalar_type() == dt && negatives.scalar_type() == dt && behaviours.is_contiguous() &&
                   negatives.is_contiguous() && behaviours.sizes() == negatives.sizes() &&
-                  behaviours.size(0) == hs.size(0),
-              "pair loss: behaviours and negatives must be contiguous [n, D] of hs's type");
-  TORCH_CHECK(mask.scalar_type() == at::kFloat && mask.numel() == hs.size(0) && mask.is_contiguous(),
+                  behaviours.dim() == 2 && behaviours.size(0) == states.size(0),
+              "pair loss: behaviours and negatives must be contiguous [n, D] of states' type");
+  TORCH_CHECK(mask.scalar_type() == at::kFloat && mask.numel() == states.size(0) && mask.is_contiguous(),
               "pair loss: mask must be float32 [n]");
   TORCH_CHECK(weights.size() == biases.size() && weights.size() >= 2, "pair loss: need >= 2 layers");
   const int64_t k = weights.size();
-  TORCH_CHECK(weights[0].size(1) == hs.size(1) + behaviours.size(1), "pair loss: first layer takes H + D inputs");
+  TORCH_CHECK(weights[0].size(1) == states.size(1) + behaviours.size(1),
+              "pair loss: first layer takes H + D inputs");
   TORCH_CHECK(weights[k - 1].size(0) == 1, "pair loss: the last layer must have one output");
   for (int64_t j = 1; j < k; ++j)
     TORCH_CHECK(weights[j].size(1) == weights[j - 1].size(0), "pair loss: layer ", j, " takes ",
                 weights[j].size(1), " inputs, the layer below gives ", weights[j - 1].size(0));
-  if (dt == at::kBFloat16) {
-    bool even = hs.size(1) % 2 == 0 && behaviours.size(1) % 2 == 0;
+  using din_pair_loss::fused_impl;
+  using Bf16 = c10::BFloat16;
+  if (compute_bf16) {
+    bool even = states.size(1) % 2 == 0 && behaviours.size(1) % 2 == 0;
     for (int64_t j = 0; j < k - 1; ++j) even = even && weights[j].size(0) % 2 == 0;
     TORCH_CHECK(even, "pair loss: bf16 needs even state, behaviour and hidden widths");
-    return din_pair_loss::fused_impl<c10::BFloat16>(hs, behaviours, negatives, mask, weights, biases, scale, grads);
+    if (dt == at::kFloat)
+      return fused_impl<Bf16, float>(states, behaviours, negatives, mask, weights, biases, scale, grads);
+    return fused_impl<Bf16, Bf16>(states, behaviours, negatives, mask, weights, biases, scale, grads);
   }
-  return din_pair_loss::fused_impl<float>(hs, behaviours, negatives, mask, weights, biases, scale, grads);
+  return fused_impl<float, float>(states, behaviours, negatives, mask, weights, biases, scale, grads);
 }

@@ -278,3 +278,27 @@ def test_bf16_with_odd_widths_takes_the_pytorch_loop(monkeypatch: pytest.MonkeyP
     assert calls == {"native": 0, "python": 1}
     _run(aux, xs, lengths, "fp32")
     assert calls == {"native": 1, "python": 1}
+
+
+@pytest.mark.skipif(native_kernels() is None, reason="the native kernels did not build")
+def test_bf16_kernel_rounds_float32_inputs_exactly_as_casting_them_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under bf16 the kernel reads float32 states and behaviours directly, rounding them block by block: the
+    same loss and gradients, bit for bit, as giving it the bf16 casts (its bf16-input path: the input
+    gradients then rounded to bf16 on the way out); and with an upstream gradient of 1 it returns its float32
+    gradients unscaled, equal to the scaled ones up to the scaling."""
+    lengths = [0, 1, 50, 9, 130, 3]
+    aux, xs = _native_case(lengths, 32, 32, (100, 50), 4)
+    calls = _spy_paths(monkeypatch)
+    from_float = _run(aux, xs, lengths, "bf16", upstream=1.0)
+    rounded = [x.detach().bfloat16().requires_grad_() for x in xs]
+    from_bf16 = _run(aux, rounded, lengths, "bf16", upstream=1.0)
+    assert calls == {"native": 2, "python": 0}
+    assert torch.equal(from_float[0], from_bf16[0])
+    for a, b in zip(from_float[1], from_bf16[1]):
+        assert a.dtype == torch.float32
+        assert torch.equal(a.to(b.dtype), b)
+    scaled = _run(aux, xs, lengths, "bf16", upstream=0.5)
+    for a, b in zip(from_float[1], scaled[1]):
+        torch.testing.assert_close(a * 0.5, b, rtol=1e-6, atol=0)
