@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
+#include "kernel_math.h"
 #include "small_gemm.h"
 
 #include <optional>
@@ -163,10 +164,10 @@ inline at::Tensor forward_bf16(const at::Tensor& x_in, const at::Tensor& weight,
         for (int64_t i = 0; i < rows * o; ++i) c[i] += static_cast<float>(ap[i]);
       }
       for (int64_t i = 0; i < rows; ++i) {
-        const float* __restrict__ ci = c.data() + i * o;
-        Bf16* __restrict__ yi = yp + (r0 + i) * o;
-        for (int64_t j = 0; j < o; ++j) yi[j] = static_cast<Bf16>(ci[j] + bv[j]);
+        float* __restrict__ ci = c.data() + i * o;
+        for (int64_t j = 0; j < o; ++j) ci[j] += bv[j];
       }
+      din_ops::store_row(c.data(), yp + r0 * o, rows * o);
     }
   });
   return y;
@@ -248,11 +249,7 @@ inline std::vector<at::Tensor> backward_bf16(const at::Tensor& grad_in, const at
         int64_t lda = 0;
         const Bf16* a = lhs_block(gp, m, o, r0, abuf, lda);
         at::native::cpublas::brgemm(kb, in, op, lda, in, in, false, a, wb.data(), c.data(), true);
-        for (int64_t i = 0; i < rows; ++i) {
-          const float* __restrict__ ci = c.data() + i * in;
-          Bf16* __restrict__ di = dxp + (r0 + i) * in;
-          for (int64_t j = 0; j < in; ++j) di[j] = static_cast<Bf16>(ci[j]);
-        }
+        din_ops::store_row(c.data(), dxp + r0 * in, rows * in);
       }
     });
   }

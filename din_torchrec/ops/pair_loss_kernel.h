@@ -87,21 +87,6 @@ inline void to_vnni(const c10::BFloat16* __restrict__ src, c10::BFloat16* __rest
   }
 }
 
-// T(src) transposed: src [rows, cols] float32 row-major -> dst [cols, ld] (dst[c * ld + r] = T(src[r * cols + c])).
-// Rows in tiles of 16 so that each tile's loads stay in L1 while its 16-element output runs are written whole.
-template <typename T>
-inline void transpose_to(const float* __restrict__ src, T* __restrict__ dst, int64_t rows, int64_t cols,
-                         int64_t ld) {
-  constexpr int64_t kTile = 16;
-  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
-    const int64_t re = std::min(rows, r0 + kTile);
-    for (int64_t c = 0; c < cols; ++c) {
-      T* __restrict__ out = dst + c * ld;
-      for (int64_t r = r0; r < re; ++r) out[r] = static_cast<T>(src[r * cols + c]);
-    }
-  }
-}
-
 // The right-hand-side form of row-major rows: the rows themselves for float32, a VNNI copy in buf for bf16.
 template <typename T>
 inline const T* as_b(const T* rows_ptr, std::vector<T>& buf, int64_t rows, int64_t cols) {
@@ -124,12 +109,34 @@ struct Work {
   std::vector<std::vector<T>> act;         // each hidden layer's activations, row-major
   std::vector<T> act_b;                    // one of them in the right-hand-side layout (bf16)
   std::vector<T> dz, dz_t, ds, ds_t;        // gradients fed into products: row-major and transposed
+  std::vector<uint32_t> words;              // transpose_rows's scratch
 };
 
 // n rows of In (float32 or T) widened / rounded to T.
 template <typename T, typename In>
 inline void convert_rows(const In* __restrict__ src, int64_t count, T* __restrict__ dst) {
-  for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<T>(src[i]);
+  if constexpr (std::is_same_v<In, float>) din_ops::store_row(src, dst, count);
+  else std::memcpy(dst, src, sizeof(T) * count);
+}
+
+// rows x cols row-major -> dst [cols, ld] transposed (dst[c * ld + r]), from the rows in float32 (f) and in T
+// (t, the same values rounded): float32 as 32-bit words; bf16 as pairs of rows packed into words (scratch,
+// [rows / 2, cols]; rows even), whose transpose is the bf16 transpose (each word holds one column's two
+// consecutive rows). Both through the AVX-512 tile transpose (din_gemm::transpose_u32): an element-by-element
+// loop here was ~7 % of this kernel's own time.
+template <typename T>
+inline void transpose_rows(const float* f, const T* t, T* dst, int64_t rows, int64_t cols, int64_t ld,
+                           uint32_t* scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    (void)t;
+    (void)scratch;
+    din_gemm::transpose_u32(reinterpret_cast<const uint32_t*>(f), cols, reinterpret_cast<uint32_t*>(dst), ld, rows,
+                            cols);
+  } else {
+    (void)f;
+    to_vnni(t, reinterpret_cast<T*>(scratch), rows, cols);
+    din_gemm::transpose_u32(scratch, cols, reinterpret_cast<uint32_t*>(dst), ld / 2, rows / 2, cols);
+  }
 }
 
 // T: the compute type; In: the inputs' type (T, or float32 read and rounded block by block).
@@ -210,6 +217,7 @@ std::vector<at::Tensor> fused_impl(const at::Tensor& states, const at::Tensor& b
       w.dz_t.resize(wmax * r2);
       w.ds.resize(kBlock * l0);
       w.ds_t.resize(l0 * kBlock);
+      w.words.resize(kBlock * wmax);
       if (grads) {
         w.gw.assign(k, {});
         w.gb.assign(k, {});
@@ -246,20 +254,20 @@ std::vector<at::Tensor> fused_impl(const at::Tensor& states, const at::Tensor& b
           const float* b0 = bf[0].data_ptr<float>();
           for (int64_t r = 0; r < rows; ++r) {
             const float* __restrict__ sr = w.s.data() + (r % half) * l0;
-            const float* __restrict__ zr = w.z.data() + r * l0;
-            T* __restrict__ ar = w.act[0].data() + r * l0;
-            for (int64_t c = 0; c < l0; ++c) ar[c] = static_cast<T>(sigmoid(zr[c] + sr[c] + b0[c]));
+            float* __restrict__ zr = w.z.data() + r * l0;
+            for (int64_t c = 0; c < l0; ++c) zr[c] = sigmoid(zr[c] + sr[c] + b0[c]);
           }
+          din_ops::store_row(w.z.data(), w.act[0].data(), rows * l0);
         }
         for (int64_t j = 1; j < k - 1; ++j) {
           const int64_t in = width[j - 1], o = width[j];
           mm<T>(rows, o, in, w.act[j - 1].data(), in, bf_mid[j].data(), w.z.data(), o, false);
           const float* __restrict__ bj = bf[j].data_ptr<float>();
           for (int64_t r = 0; r < rows; ++r) {
-            const float* __restrict__ zr = w.z.data() + r * o;
-            T* __restrict__ ar = w.act[j].data() + r * o;
-            for (int64_t c = 0; c < o; ++c) ar[c] = static_cast<T>(sigmoid(zr[c] + bj[c]));
+            float* __restrict__ zr = w.z.data() + r * o;
+            for (int64_t c = 0; c < o; ++c) zr[c] = sigmoid(zr[c] + bj[c]);
           }
+          din_ops::store_row(w.z.data(), w.act[j].data(), rows * o);
         }
         // Output layer (one unit): a dot product per row; the loss over the block's real pairs.
         const T* a_last = w.act[k - 2].data();
@@ -292,7 +300,6 @@ std::vector<at::Tensor> fused_impl(const at::Tensor& states, const at::Tensor& b
             const float g = w.dl[r];
             const T* __restrict__ ar = a_last + r * o;
             float* __restrict__ dr = w.da.data() + r * o;
-            T* __restrict__ zr = w.dz.data() + r * o;
             gbl += g;
             for (int64_t c = 0; c < o; ++c) {
               const float a = din_ops::to_float(ar[c]);
@@ -300,11 +307,11 @@ std::vector<at::Tensor> fused_impl(const at::Tensor& states, const at::Tensor& b
               const float v = g * w_last[c] * a * (1.0f - a);
               gb[c] += v;
               dr[c] = v;
-              zr[c] = static_cast<T>(v);
             }
           }
           w.gb[k - 1][0] += gbl;
-          transpose_to<T>(w.da.data(), w.dz_t.data(), rows, o, r2);
+          din_ops::store_row(w.da.data(), w.dz.data(), rows * o);
+          transpose_rows<T>(w.da.data(), w.dz.data(), w.dz_t.data(), rows, o, r2, w.words.data());
           if (k == 2) std::copy(w.da.data(), w.da.data() + rows * o, w.dzf.data());
         }
         // Hidden layers k - 2 .. 1: weight gradient, then the gradient of the layer below's pre-activation.
@@ -317,16 +324,15 @@ std::vector<at::Tensor> fused_impl(const at::Tensor& states, const at::Tensor& b
           for (int64_t r = 0; r < rows; ++r) {
             const T* __restrict__ ar = w.act[j - 1].data() + r * in;
             float* __restrict__ dr = w.da.data() + r * in;
-            T* __restrict__ zr = w.dz.data() + r * in;
             for (int64_t c = 0; c < in; ++c) {
               const float av = din_ops::to_float(ar[c]);
               const float v = dr[c] * av * (1.0f - av);
               gb[c] += v;
               dr[c] = v;
-              zr[c] = static_cast<T>(v);
             }
           }
-          transpose_to<T>(w.da.data(), w.dz_t.data(), rows, in, r2);
+          din_ops::store_row(w.da.data(), w.dz.data(), rows * in);
+          transpose_rows<T>(w.da.data(), w.dz.data(), w.dz_t.data(), rows, in, r2, w.words.data());
           if (j == 1) std::copy(w.da.data(), w.da.data() + rows * in, w.dzf.data());
         }
         // Layer 0 (dz holds its pre-activation's gradient, [rows, L0]): the behaviour half of the weight
@@ -336,13 +342,10 @@ std::vector<at::Tensor> fused_impl(const at::Tensor& states, const at::Tensor& b
           const float* __restrict__ p = w.dzf.data() + i * l0;
           const float* __restrict__ q = w.dzf.data() + (half + i) * l0;
           float* __restrict__ o = w.da.data() + i * l0;
-          T* __restrict__ ds = w.ds.data() + i * l0;
-          for (int64_t c = 0; c < l0; ++c) {
-            o[c] = p[c] + q[c];
-            ds[c] = static_cast<T>(o[c]);
-          }
+          for (int64_t c = 0; c < l0; ++c) o[c] = p[c] + q[c];
         }
-        transpose_to<T>(w.da.data(), w.ds_t.data(), half, l0, kBlock);
+        din_ops::store_row(w.da.data(), w.ds.data(), half * l0);
+        transpose_rows<T>(w.da.data(), w.ds.data(), w.ds_t.data(), half, l0, kBlock, w.words.data());
         mm<T>(l0, h, half, w.ds_t.data(), kBlock, as_b<T>(w.hs.data(), w.hs_b, half, h), w.gw0h.data(), h, true);
         mm<T>(half, h, l0, w.ds.data(), l0, bb_h.data(), w.out.data(), h, false);
         for (int64_t i = first; i < m; ++i)
