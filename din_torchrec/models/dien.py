@@ -54,8 +54,9 @@ class DIEN(SequenceCTRModel):
 
     def interact(self, emb: EmbeddedBatch) -> Interaction:
         layout = packed_layout(emb.lengths)
-        states, _ = self.extractor(emb.behaviours, emb.lengths, layout)
-        final, attention = self.evolution(states, emb.lengths, emb.candidates, layout)
+        # The extractor's states in packed order as well: the evolution's recurrence reads them without a gather.
+        states, _, packed = self.extractor.forward_with_packed(emb.behaviours, emb.lengths, layout)
+        final, attention = self.evolution(states, emb.lengths, emb.candidates, layout, packed_states=packed)
         aux = None
         if self.auxiliary is not None and self.training:
             if emb.negatives is None:

@@ -275,15 +275,25 @@ class InterestExtractor(nn.Module):
             ``(states [N, H], final [B, H])``: ``states`` aligned with ``behaviours`` (row j is the state after
             behaviour j), ``final`` the state after each sample's last behaviour (zeros for an empty history).
         """
+        states, final, _ = self.forward_with_packed(behaviours, lengths, layout)
+        return states, final
+
+    def forward_with_packed(
+        self, behaviours: torch.Tensor, lengths: torch.Tensor, layout: PackedLayout | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward`'s ``(states, final)`` and the states in the layout's packed order as the recurrence
+        wrote them (``None`` where it did not run: an empty batch, cuDNN's path), for
+        :meth:`InterestEvolution.forward`'s ``packed_states``."""
         if layout is None:
             layout = packed_layout(lengths)
         b = lengths.numel()
         if layout.num_active == 0:
-            return behaviours.new_zeros(0, self.hidden_size), behaviours.new_zeros(b, self.hidden_size)
+            empty = behaviours.new_zeros(0, self.hidden_size)
+            return empty, behaviours.new_zeros(b, self.hidden_size), None
         if behaviours.is_cuda:
             # cuDNN runs the whole packed GRU in its own kernels: 2.7x this recurrence's speed on an H200
             # (docs/benchmarks.md, GPU check), where the recurrence's per-step launches dominate.
-            return self.forward_packed(behaviours, lengths, layout)
+            return (*self.forward_packed(behaviours, lengths, layout), None)
         gru = self.gru
         # Input side of every step in one matmul, gathered into packed (time-major, length-ranked) order.
         x = linear_rows(
@@ -292,9 +302,8 @@ class InterestExtractor(nn.Module):
             gru.bias_ih_l0,
         )
         packed = packed_recurrence(x, None, gru.weight_hh_l0, gru.bias_hh_l0, layout.steps, "gru")
-        return gather_rows(packed, layout.unpack_index, layout.packed_index), final_states(
-            packed, layout, lengths
-        )
+        states = gather_rows(packed, layout.unpack_index, layout.packed_index)
+        return states, final_states(packed, layout, lengths), packed
 
     def forward_packed(
         self, behaviours: torch.Tensor, lengths: torch.Tensor, layout: PackedLayout | None = None
@@ -394,6 +403,7 @@ class InterestEvolution(nn.Module):
         lengths: torch.Tensor,
         candidates: torch.Tensor,
         layout: PackedLayout | None = None,
+        packed_states: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed fast path.
 
@@ -402,6 +412,8 @@ class InterestEvolution(nn.Module):
             lengths: ``[B]`` (0 allowed).
             candidates: ``[B, D_c]``.
             layout: :func:`packed_layout` of ``lengths``, if already built.
+            packed_states: the same states in ``layout``'s packed order, if the caller has them
+                (:meth:`InterestExtractor.forward_with_packed`): the recurrence's input then needs no gather.
 
         Returns:
             ``(final [B, H], attention [N])``: the evolved state after each sample's last step (zeros for an
@@ -416,7 +428,9 @@ class InterestEvolution(nn.Module):
         # Input side of every step in one matmul, in packed (time-major, length-ranked) order.
         cell = self.cell
         # cell.project_input, its rows padded to a bucket where the matmul is oneDNN's (linear_rows).
-        x = linear_rows(gather_rows(states, layout.packed_index, layout.unpack_index), cell.weight_ih)
+        if packed_states is None:
+            packed_states = gather_rows(states, layout.packed_index, layout.unpack_index)
+        x = linear_rows(packed_states, cell.weight_ih)
         a = gather_rows(att, layout.packed_index, layout.unpack_index)
         if self.kind == "aigru":
             # W (a x) = a (W x): the attention scales the projection; then a plain GRU.

@@ -234,6 +234,34 @@ def test_evolution_fast_path_equals_per_sample_reference_forward_and_grad(
 
 
 @pytest.mark.parametrize("kind", EVOLUTION_KINDS)
+def test_extractor_packed_states_feed_the_evolution_like_its_own_gather(kind: str) -> None:
+    """DIEN hands the extractor's packed-order states to the evolution (no second gather): the same final
+    states, attention and gradients, bit for bit, as the evolution gathering the jagged states itself."""
+    torch.manual_seed(11)
+    lens = torch.tensor([3, 0, 7, 1, 5, 7])
+    layout = packed_layout(lens)
+    ex = InterestExtractor(4, 5)
+    ev = InterestEvolution(5, 6, 4, kind=kind, attention_hidden=[6, 3], attention_activation="dice")
+    beh = torch.randn(int(lens.sum()), 4, requires_grad=True)
+    cand = torch.randn(lens.numel(), 4)
+    states, final, packed = ex.forward_with_packed(beh, lens, layout)
+    assert packed is not None and torch.equal(packed[layout.unpack_index], states)
+    torch.testing.assert_close(final, ex(beh, lens, layout)[1], rtol=0, atol=0)
+    runs = []
+    for hand_over in (True, False):
+        s, _, p = ex.forward_with_packed(beh, lens, layout)
+        out, att = ev(s, lens, cand, layout, packed_states=p if hand_over else None)
+        g = torch.autograd.grad(
+            (out * torch.arange(6.0)).sum() + att.sum(), [beh, *ex.parameters(), *ev.parameters()]
+        )
+        runs.append((out, att, g))
+    for a, b in zip(runs[0][:2], runs[1][:2]):
+        assert torch.equal(a, b)
+    for a, b in zip(runs[0][2], runs[1][2]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", EVOLUTION_KINDS)
 def test_evolution_steps_touch_only_active_samples(kind: str) -> None:
     """Each step of the packed loop runs on its active samples only: N rows in all, over max(lengths) steps; a
     padded loop would run B rows per step. The single-node recurrence of ``forward`` gives the same."""
