@@ -235,64 +235,64 @@ inline std::vector<at::Tensor> backward_bf16(const at::Tensor& grad_in, const at
   const Bf16* xp = x.data_ptr<Bf16>();
   const int64_t blocks = row_blocks(m);
   at::Tensor dx, dw, db;
+  std::vector<Bf16> wb;
+  Bf16* dxp = nullptr;
   if (need_dx) {
     const at::Tensor wf = weight.to(at::kFloat).contiguous();
     const float* wp = wf.data_ptr<float>();
-    const std::vector<Bf16> wb = pack_vnni(o, in, [&](int64_t i, int64_t j) { return wp[i * in + j]; });
+    wb = pack_vnni(o, in, [&](int64_t i, int64_t j) { return wp[i * in + j]; });
     dx = at::empty({m, in}, x.options());
-    Bf16* dxp = dx.data_ptr<Bf16>();
-    at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
-      std::vector<Bf16> abuf;
-      std::vector<float> c(kb * in);
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t r0 = k * kb, rows = std::min(kb, m - r0);
-        int64_t lda = 0;
-        const Bf16* a = lhs_block(gp, m, o, r0, abuf, lda);
-        at::native::cpublas::brgemm(kb, in, op, lda, in, in, false, a, wb.data(), c.data(), true);
-        din_ops::store_row(c.data(), dxp + r0 * in, rows * in);
-      }
-    });
+    dxp = dx.data_ptr<Bf16>();
   }
-  if (need_dw || need_db) {
-    // dW = sum over row blocks of (grad block)^T (x block): the grad block transposed into gt ([O, kb], zero
-    // columns past the last row), the x block in VNNI layout (zero rows past it); db = grad's column sums.
-    const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-    const at::TensorOptions f32 = x.options().dtype(at::kFloat);
-    at::Tensor dw_parts = at::zeros({threads, o, in}, f32), db_parts = at::zeros({threads, o}, f32);
-    float* dwp = dw_parts.data_ptr<float>();
-    float* dbp = db_parts.data_ptr<float>();
-    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<Bf16> gt(o * kb);
-      std::vector<uint32_t> gv(kb / 2 * o), xv(kb / 2 * in);
-      for (int64_t t = t0; t < t1; ++t) {
-        float* __restrict__ dbt = dbp + t * o;
-        for (int64_t k = blocks * t / threads; k < blocks * (t + 1) / threads; ++k) {
-          const int64_t r0 = k * kb, rows = std::min(kb, m - r0);
-          if (need_db)
-            for (int64_t i = 0; i < rows; ++i) {
-              const Bf16* __restrict__ gi = gp + (r0 + i) * o;
-              for (int64_t j = 0; j < o; ++j) dbt[j] += static_cast<float>(gi[j]);
-            }
-          if (!need_dw) continue;
-          // Both operands as pairs of rows in 32-bit words (VNNI): x's is the right-hand side itself; the
-          // grad's, transposed as words ([O, kb / 2]), is the grad block transposed ([O, kb] bf16), since each
-          // word holds one column's two consecutive rows.
+  // One pass over the row blocks (contiguous runs per thread), each block's grad rows used for dx, db and dW
+  // while in cache (three passes had read the cold [M, O] gradient three times). dx = grad W, one micro-kernel
+  // call per block; dW = sum over blocks of (grad block)^T (x block): both operands as pairs of rows in 32-bit
+  // words (VNNI) -- x's is the right-hand side itself; the grad's, transposed as words ([O, kb / 2]), is the grad
+  // block transposed ([O, kb] bf16), each word holding one column's two consecutive rows; zero past the last
+  // row. db = the grad's column sums. dW / db per thread, added in thread order.
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  const at::TensorOptions f32 = x.options().dtype(at::kFloat);
+  at::Tensor dw_parts = need_dw ? at::zeros({threads, o, in}, f32) : at::Tensor();
+  at::Tensor db_parts = need_db ? at::zeros({threads, o}, f32) : at::Tensor();
+  float* dwp = need_dw ? dw_parts.data_ptr<float>() : nullptr;
+  float* dbp = need_db ? db_parts.data_ptr<float>() : nullptr;
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<Bf16> gt(o * kb), abuf;
+    std::vector<uint32_t> gv(kb / 2 * o), xv(kb / 2 * in);
+    std::vector<float> c(need_dx ? kb * in : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t k = blocks * t / threads; k < blocks * (t + 1) / threads; ++k) {
+        const int64_t r0 = k * kb, rows = std::min(kb, m - r0);
+        if (need_dx) {
+          int64_t lda = 0;
+          const Bf16* a = lhs_block(gp, m, o, r0, abuf, lda);
+          at::native::cpublas::brgemm(kb, in, op, lda, in, in, false, a, wb.data(), c.data(), true);
+          din_ops::store_row(c.data(), dxp + r0 * in, rows * in);
+        }
+        if (need_db) {
+          float* __restrict__ dbt = dbp + t * o;
+          for (int64_t i = 0; i < rows; ++i) {
+            const Bf16* __restrict__ gi = gp + (r0 + i) * o;
+            for (int64_t j = 0; j < o; ++j) dbt[j] += static_cast<float>(gi[j]);
+          }
+        }
+        if (need_dw) {
           vnni_rows(gp + r0 * o, rows, o, gv.data());
           vnni_rows(xp + r0 * in, rows, in, xv.data());
           din_gemm::transpose_u32(gv.data(), o, reinterpret_cast<uint32_t*>(gt.data()), kb / 2, kb / 2, o);
-          at::native::cpublas::brgemm(o, in, kb, kb, in, in, true, gt.data(), reinterpret_cast<const Bf16*>(xv.data()),
-                                      dwp + t * o * in, true);
+          at::native::cpublas::brgemm(o, in, kb, kb, in, in, true, gt.data(),
+                                      reinterpret_cast<const Bf16*>(xv.data()), dwp + t * o * in, true);
         }
       }
-    });
-    if (need_dw) {
-      dw = dw_parts[0];
-      for (int64_t t = 1; t < threads; ++t) dw = dw + dw_parts[t];
     }
-    if (need_db) {
-      db = db_parts[0];
-      for (int64_t t = 1; t < threads; ++t) db = db + db_parts[t];
-    }
+  });
+  if (need_dw) {
+    dw = dw_parts[0];
+    for (int64_t t = 1; t < threads; ++t) dw = dw + dw_parts[t];
+  }
+  if (need_db) {
+    db = db_parts[0];
+    for (int64_t t = 1; t < threads; ++t) db = db + db_parts[t];
   }
   return {dx, dw, db};
 }
