@@ -20,25 +20,46 @@ inline int64_t parallel_threads(int64_t n) {
   return __builtin_popcountll(static_cast<unsigned long long>(seen.load()));
 }
 
+// Every kernel releases the GIL while it runs (none touches a Python object): a batch-reading thread
+// (data.prefetch_batches) then runs its Python during the kernels instead of waiting for the whole step --
+// pybind11 holds the GIL through a bound function unless told otherwise, while ATen's own ops release it.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("parallel_threads", &parallel_threads, "threads an at::parallel_for over n items runs on");
-  m.def("dice_forward", &dice_forward, "Dice forward (training mode): out, mean, var, invstd, sigmoid");
-  m.def("dice_backward", &dice_backward, "Dice backward: grad_x, grad_alpha");
-  m.def("product_features", &product_features, "jagged [b, b * c[seg]]");
-  m.def("product_features_backward", &product_features_backward, "grad_b, grad_c");
-  m.def("lau_first_forward", &lau_first_forward, "first attention layer with per-sample weights M_s b + k_s");
-  m.def("lau_first_backward", &lau_first_backward, "its backward: db, dc, da_t, dp_t, dk");
-  m.def("weighted_segment_sum", &weighted_segment_sum, "sum over each sample's rows of w b");
-  m.def("weighted_segment_sum_backward", &weighted_segment_sum_backward, "grad_b, grad_w");
+  const auto kNoGil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("parallel_threads", &parallel_threads, "threads an at::parallel_for over n items runs on",
+        kNoGil);
+  m.def("dice_forward", &dice_forward, "Dice forward (training mode): out, mean, var, invstd, sigmoid",
+        kNoGil);
+  m.def("dice_backward", &dice_backward, "Dice backward: grad_x, grad_alpha",
+        kNoGil);
+  m.def("product_features", &product_features, "jagged [b, b * c[seg]]",
+        kNoGil);
+  m.def("product_features_backward", &product_features_backward, "grad_b, grad_c",
+        kNoGil);
+  m.def("lau_first_forward", &lau_first_forward, "first attention layer with per-sample weights M_s b + k_s",
+        kNoGil);
+  m.def("lau_first_backward", &lau_first_backward, "its backward: db, dc, da_t, dp_t, dk",
+        kNoGil);
+  m.def("weighted_segment_sum", &weighted_segment_sum, "sum over each sample's rows of w b",
+        kNoGil);
+  m.def("weighted_segment_sum_backward", &weighted_segment_sum_backward, "grad_b, grad_w",
+        kNoGil);
   m.def("linear_forward", &linear_forward,
-        "x W^T + b through oneDNN BRGEMM in float32 or bf16 (row blocks among threads)");
-  m.def("linear_backward", &linear_backward, "its backward: dx, dW, db");
+        "x W^T + b through oneDNN BRGEMM in float32 or bf16 (row blocks among threads)",
+        kNoGil);
+  m.def("linear_backward", &linear_backward, "its backward: dx, dW, db",
+        kNoGil);
   m.def("pair_loss_fused", &pair_loss_fused,
-        "DIEN's auxiliary pair loss, forward and backward in blocks of rows: loss, g_hs, g_x, g_w..., g_b...");
-  m.def("recurrence_forward", &recurrence_forward, "packed gated recurrence: out, sig, cand, hh_n");
-  m.def("recurrence_backward", &recurrence_backward, "packed gated recurrence backward: dx, datt, dweight, dbias, dinput_bias");
+        "DIEN's auxiliary pair loss, forward and backward in blocks of rows: loss, g_hs, g_x, g_w..., g_b...",
+        kNoGil);
+  m.def("recurrence_forward", &recurrence_forward, "packed gated recurrence: out, sig, cand, hh_n",
+        kNoGil);
+  m.def("recurrence_backward", &recurrence_backward, "packed gated recurrence backward: dx, datt, dweight, dbias, dinput_bias",
+        kNoGil);
   m.def("nobag_rowwise_adagrad_backward", &nobag_rowwise_adagrad_backward,
-        "FBGEMM's CPU nobag TBE backward with row-wise Adagrad, in place on the weights and momentum");
-  m.def("tbe_pooled_forward", &tbe_pooled_forward, "FBGEMM's CPU pooled TBE forward (sum / mean, per-lookup weights)");
-  m.def("tbe_nobag_forward", &tbe_nobag_forward, "FBGEMM's CPU unpooled TBE forward: one row per lookup");
+        "FBGEMM's CPU nobag TBE backward with row-wise Adagrad, in place on the weights and momentum",
+        kNoGil);
+  m.def("tbe_pooled_forward", &tbe_pooled_forward, "FBGEMM's CPU pooled TBE forward (sum / mean, per-lookup weights)",
+        kNoGil);
+  m.def("tbe_nobag_forward", &tbe_nobag_forward, "FBGEMM's CPU unpooled TBE forward: one row per lookup",
+        kNoGil);
 }
