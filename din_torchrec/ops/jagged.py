@@ -132,7 +132,7 @@ def first_layer(
     ):
         return _FirstLayer.apply(b.contiguous(), c.contiguous(), seg.contiguous(), a, p, k.contiguous())
     w = torch.cat([a, p], dim=1)
-    if torch.is_autocast_enabled("cpu") and native_linear_dtype(b, w) == torch.bfloat16:
+    if native_linear_dtype(b, w) == torch.bfloat16:
         # bf16 on the CPU: the same product through the BRGEMM linear kernel, k[seg] added before its one
         # rounding (as addmm's accumulator), without padding the rows to a bucket.
         return linear(product_features(b, c, seg), w, None, add=k.index_select(0, seg))

@@ -97,6 +97,14 @@ inline std::vector<float> bias_values(const std::optional<at::Tensor>& bias, int
   return out;
 }
 
+// A float32 tensor's values rounded to bf16, as float32 (a one-output layer's weight row).
+inline std::vector<float> bf16_rounded(const at::Tensor& t) {
+  const float* p = t.data_ptr<float>();
+  std::vector<float> out(t.numel());
+  for (int64_t i = 0; i < t.numel(); ++i) out[i] = static_cast<float>(static_cast<Bf16>(p[i]));
+  return out;
+}
+
 // One output (O = 1, a scoring layer): a dot product per row. The micro-kernel with N = 1 wastes its vector
 // width on the output dimension (measured: 26k x 40 -> 1, forward and backward, 1.2x slower than ATen's matmul
 // on padded rows). Same arithmetic: bf16 operands, float32 products and sums, one rounding.
@@ -139,11 +147,7 @@ inline at::Tensor forward_bf16(const at::Tensor& x_in, const at::Tensor& weight,
                 "native linear: add must be float32 or bf16 [", m, ", ", o, "]");
     plus = add->contiguous();
   }
-  if (o == 1) {
-    std::vector<float> wv(in);
-    for (int64_t i = 0; i < in; ++i) wv[i] = static_cast<float>(static_cast<Bf16>(wp[i]));
-    return forward_bf16_single(x, wv, bv[0], plus);
-  }
+  if (o == 1) return forward_bf16_single(x, bf16_rounded(wf), bv[0], plus);
   const std::vector<Bf16> wb = pack_vnni(in, o, [&](int64_t i, int64_t j) { return wp[j * in + i]; });
   at::Tensor y = at::empty({m, o}, x.options());
   const Bf16* xp = x.data_ptr<Bf16>();
@@ -178,9 +182,7 @@ inline at::Tensor forward_bf16(const at::Tensor& x_in, const at::Tensor& weight,
 inline std::vector<at::Tensor> backward_bf16_single(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight,
                                                     bool need_dx, bool need_dw, bool need_db) {
   const int64_t m = x.size(0), in = x.size(1);
-  const at::Tensor wf = weight.to(at::kFloat).contiguous();
-  std::vector<float> wv(in);
-  for (int64_t i = 0; i < in; ++i) wv[i] = static_cast<float>(static_cast<Bf16>(wf.data_ptr<float>()[i]));
+  const std::vector<float> wv = bf16_rounded(weight.to(at::kFloat).contiguous());
   const Bf16* gp = g.data_ptr<Bf16>();
   const Bf16* xp = x.data_ptr<Bf16>();
   at::Tensor dx, dw, db;
@@ -214,8 +216,7 @@ inline std::vector<at::Tensor> backward_bf16_single(const at::Tensor& g, const a
         acc[in] = sum;
       }
     });
-    at::Tensor total = parts[0];
-    for (int64_t t = 1; t < threads; ++t) total = total + parts[t];
+    const at::Tensor total = din_gemm::sum_parts(parts);
     if (need_dw) dw = total.narrow(0, 0, in).reshape({1, in}).contiguous();
     if (need_db) db = total.narrow(0, in, 1).contiguous();
   }
@@ -286,14 +287,8 @@ inline std::vector<at::Tensor> backward_bf16(const at::Tensor& grad_in, const at
       }
     }
   });
-  if (need_dw) {
-    dw = dw_parts[0];
-    for (int64_t t = 1; t < threads; ++t) dw = dw + dw_parts[t];
-  }
-  if (need_db) {
-    db = db_parts[0];
-    for (int64_t t = 1; t < threads; ++t) db = db + db_parts[t];
-  }
+  if (need_dw) dw = din_gemm::sum_parts(dw_parts);
+  if (need_db) db = din_gemm::sum_parts(db_parts);
   return {dx, dw, db};
 }
 

@@ -77,6 +77,13 @@ inline void add_at_b(int64_t m, int64_t o, int64_t n, const float* a, const floa
   }
 }
 
+// parts [T, ...] summed over T in order (per-thread partial sums: the same result for a given thread count).
+inline at::Tensor sum_parts(const at::Tensor& parts) {
+  at::Tensor out = parts[0];
+  for (int64_t t = 1; t < parts.size(0); ++t) out = out + parts[t];
+  return out;
+}
+
 // A^T B as above, as a float32 [o, n] tensor, its rows split among the threads (contiguous runs of blocks),
 // the threads' partial sums added in thread order: the same result for a given thread count.
 inline at::Tensor gemm_at_b(int64_t m, int64_t o, int64_t n, const float* a, const float* b,
@@ -93,9 +100,7 @@ inline at::Tensor gemm_at_b(int64_t m, int64_t o, int64_t n, const float* a, con
       add_at_b(r1 - r0, o, n, a + r0 * o, b + r0 * n, pp + t * o * n, buf.data());
     }
   });
-  at::Tensor out = parts[0];
-  for (int64_t t = 1; t < threads; ++t) out = out + parts[t];
-  return out;
+  return sum_parts(parts);
 }
 
 // dst[j * ldd + i] = src[i * lds + j] for a [rows, cols] matrix of 32-bit words. Why by hand: ATen's transposing

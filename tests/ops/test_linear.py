@@ -34,8 +34,8 @@ def _case(m: int, i: int, o: int, bias: bool, seed: int):
     return x, w, b, g
 
 
-@settings(max_examples=40, deadline=None)
-@given(
+# Shapes around the kernel's 128-row blocks, odd and even widths, with and without bias, 1-3 threads.
+_CASES = dict(
     m=st.sampled_from([0, 1, 2, 127, 128, 129, 300]),
     i=st.integers(1, 70),
     o=st.integers(1, 60),
@@ -43,6 +43,10 @@ def _case(m: int, i: int, o: int, bias: bool, seed: int):
     threads=st.sampled_from([1, 2, 3]),
     seed=st.integers(0, 10_000),
 )
+
+
+@settings(max_examples=40, deadline=None)
+@given(**_CASES)
 def test_native_linear_equals_float64_reference(m, i, o, bias, threads, seed) -> None:
     x, w, b, g = _case(m, i, o, bias, seed)
     assert native_linear_usable(x, w)
@@ -128,15 +132,7 @@ def _bf16(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    m=st.sampled_from([0, 1, 2, 127, 128, 129, 300]),
-    i=st.integers(1, 70),
-    o=st.integers(1, 60),
-    bias=st.booleans(),
-    add=st.sampled_from([None, torch.float32, torch.bfloat16]),
-    threads=st.sampled_from([1, 2, 3]),
-    seed=st.integers(0, 10_000),
-)
+@given(add=st.sampled_from([None, torch.float32, torch.bfloat16]), **_CASES)
 def test_bf16_native_linear_equals_float64_reference_on_its_operands(
     m, i, o, bias, add, threads, seed
 ) -> None:
