@@ -66,25 +66,9 @@ inline const Bf16* lhs_block(const Bf16* src, int64_t m, int64_t k, int64_t r0, 
   return buf.data();
 }
 
-// Rows [rows, cols] of bf16 as [kGemmRowBlock / 2, cols] 32-bit words, word (p, j) = row 2p's element j in
-// the low half, row 2p + 1's in the high half (little-endian: the VNNI layout); zero past the last row.
-inline void vnni_rows(const Bf16* src, int64_t rows, int64_t cols, uint32_t* __restrict__ out) {
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  const int64_t pairs = din_gemm::kGemmRowBlock / 2;
-  for (int64_t p = 0; p < pairs; ++p) {
-    uint32_t* __restrict__ w = out + p * cols;
-    const int64_t r = 2 * p;
-    if (r + 1 < rows) {
-      const uint16_t* __restrict__ a = s + r * cols;
-      const uint16_t* __restrict__ b = a + cols;
-      for (int64_t j = 0; j < cols; ++j) w[j] = uint32_t(a[j]) | (uint32_t(b[j]) << 16);
-    } else if (r < rows) {
-      const uint16_t* __restrict__ a = s + r * cols;
-      for (int64_t j = 0; j < cols; ++j) w[j] = uint32_t(a[j]);
-    } else {
-      std::memset(w, 0, sizeof(uint32_t) * cols);
-    }
-  }
+// A row block of bf16 rows as kGemmRowBlock / 2 VNNI word rows (din_gemm::vnni_words), zero past the last row.
+inline void vnni_rows(const Bf16* src, int64_t rows, int64_t cols, uint32_t* out) {
+  din_gemm::vnni_words(reinterpret_cast<const uint16_t*>(src), rows, cols, din_gemm::kGemmRowBlock / 2, out);
 }
 
 inline std::vector<float> bias_values(const std::optional<at::Tensor>& bias, int64_t o) {

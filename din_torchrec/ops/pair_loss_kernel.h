@@ -71,20 +71,11 @@ inline float softplus(float x) { return std::max(x, 0.0f) + std::log1p(std::exp(
 // store ran scalar, with a scalar expf per element (measured: the bf16 block loop 2x slower than the PyTorch
 // one).
 
-// Rows [rows, cols] (row-major, rows even for bf16) into the right-hand-side layout (b_index); float32's is the
-// same layout, so only bf16 calls this.
-inline void to_vnni(const c10::BFloat16* __restrict__ src, c10::BFloat16* __restrict__ dst, int64_t rows,
-                    int64_t cols) {
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  uint16_t* o = reinterpret_cast<uint16_t*>(dst);
-  for (int64_t p = 0; p < rows / 2; ++p) {
-    const uint16_t* __restrict__ r0 = s + 2 * p * cols;
-    const uint16_t* __restrict__ r1 = r0 + cols;
-    uint16_t* __restrict__ out = o + 2 * p * cols;
-    // As 32-bit words: word c = r0[c] | r1[c] << 16 (little-endian: r0[c] first), which vectorises.
-    uint32_t* __restrict__ words = reinterpret_cast<uint32_t*>(out);
-    for (int64_t c = 0; c < cols; ++c) words[c] = uint32_t(r0[c]) | (uint32_t(r1[c]) << 16);
-  }
+// Rows [rows, cols] (row-major, rows even) into the bf16 right-hand-side layout (b_index; din_gemm::vnni_words);
+// float32's is the same layout as the rows, so only bf16 calls this.
+inline void to_vnni(const c10::BFloat16* src, c10::BFloat16* dst, int64_t rows, int64_t cols) {
+  din_gemm::vnni_words(reinterpret_cast<const uint16_t*>(src), rows, cols, rows / 2,
+                       reinterpret_cast<uint32_t*>(dst));
 }
 
 // The right-hand-side form of row-major rows: the rows themselves for float32, a VNNI copy in buf for bf16.

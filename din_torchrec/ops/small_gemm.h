@@ -77,6 +77,27 @@ inline void add_at_b(int64_t m, int64_t o, int64_t n, const float* a, const floa
   }
 }
 
+// Rows [rows, cols] of 16-bit values (bf16) as [pairs, cols] 32-bit words: word (p, j) holds row 2p's element j
+// in its low half and row 2p + 1's in its high half (little-endian: the VNNI layout of a bf16 right-hand side
+// for the micro-kernel); rows past the last are zeros (pairs >= ceil(rows / 2)). Built as words, which
+// vectorises.
+inline void vnni_words(const uint16_t* src, int64_t rows, int64_t cols, int64_t pairs, uint32_t* __restrict__ out) {
+  for (int64_t p = 0; p < pairs; ++p) {
+    uint32_t* __restrict__ w = out + p * cols;
+    const int64_t r = 2 * p;
+    if (r + 1 < rows) {
+      const uint16_t* __restrict__ a = src + r * cols;
+      const uint16_t* __restrict__ b = a + cols;
+      for (int64_t j = 0; j < cols; ++j) w[j] = uint32_t(a[j]) | (uint32_t(b[j]) << 16);
+    } else if (r < rows) {
+      const uint16_t* __restrict__ a = src + r * cols;
+      for (int64_t j = 0; j < cols; ++j) w[j] = uint32_t(a[j]);
+    } else {
+      std::memset(w, 0, sizeof(uint32_t) * cols);
+    }
+  }
+}
+
 // parts [T, ...] summed over T in order (per-thread partial sums: the same result for a given thread count).
 inline at::Tensor sum_parts(const at::Tensor& parts) {
   at::Tensor out = parts[0];
