@@ -49,7 +49,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_backward", &linear_backward, "its backward: dx, dW, db",
         kNoGil);
   m.def("pair_loss_fused", &pair_loss_fused,
-        "DIEN's auxiliary pair loss, forward and backward in blocks of rows: loss, g_hs, g_x, g_w..., g_b...",
+        "DIEN's auxiliary pair loss, forward and backward in blocks of rows: loss, g_states, g_x, g_w..., g_b...",
         kNoGil);
   m.def("recurrence_forward", &recurrence_forward, "packed gated recurrence: out, sig, cand, hh_n",
         kNoGil);
