@@ -283,13 +283,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const std::opt
       }
     });
   }
-  const auto in_order = [](const at::Tensor& parts) {  // parts summed in slot order
-    at::Tensor total = parts[0].clone();
-    for (int64_t q = 1; q < parts.size(0); ++q) total.add_(parts[q]);
-    return total;
-  };
-  return {dx, datt, in_order(dw_parts), has_bias ? in_order(dbias_parts) : at::Tensor(),
-          has_input_bias ? in_order(dbx_parts) : at::Tensor()};
+  // Parts summed in slot order (din_gemm::sum_parts).
+  return {dx, datt, din_gemm::sum_parts(dw_parts), has_bias ? din_gemm::sum_parts(dbias_parts) : at::Tensor(),
+          has_input_bias ? din_gemm::sum_parts(dbx_parts) : at::Tensor()};
 }
 
 }  // namespace din_recurrence
