@@ -134,8 +134,9 @@ def first_layer(
     w = torch.cat([a, p], dim=1)
     if native_linear_dtype(b, w) == torch.bfloat16:
         # bf16 on the CPU: the same product through the BRGEMM linear kernel, k[seg] added before its one
-        # rounding (as addmm's accumulator), without padding the rows to a bucket.
-        return linear(product_features(b, c, seg), w, None, add=k.index_select(0, seg))
+        # rounding (as addmm's accumulator) -- read by index inside the kernel, its gradient summed per sample
+        # there (no [N, H] gather, no index_add) -- without padding the rows to a bucket.
+        return linear(product_features(b, c, seg), w, None, add=k, add_index=seg)
     return first_layer_reference(b, c, seg, a, p, k)
 
 

@@ -27,31 +27,43 @@ from din_torchrec.ops import native
 
 class _NativeLinear(torch.autograd.Function):
     """``x: [M, I]`` float32 or bf16 (the kernel's compute type), ``weight: [O, I]``, ``bias: [O]`` or None,
-    ``add: [M, O]`` or None (bf16 ``x`` only: added in float32 before the output's rounding)."""
+    ``add`` or None (bf16 ``x`` only: added in float32 before the output's rounding): ``[M, O]``, or with
+    ``add_index: [M]`` int64 any ``[S, O]`` whose row ``add_index[r]`` goes to output row ``r``."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, add: torch.Tensor | None
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        add: torch.Tensor | None,
+        add_index: torch.Tensor | None,
     ) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, weight, add_index)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.add_dtype = None if add is None else add.dtype
-        return native.kernels().linear_forward(x, weight, bias, add)  # type: ignore[union-attr]
+        ctx.add_rows = 0 if add is None else add.shape[0]
+        return native.kernels().linear_forward(x, weight, bias, add, add_index)  # type: ignore[union-attr]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        need_dx, need_dw, need_db, need_dadd = ctx.needs_input_grad
+        x, weight, add_index = ctx.saved_tensors
+        need_dx, need_dw, need_db, need_dadd, _ = ctx.needs_input_grad
         need_db = need_db and ctx.bias_dtype is not None
+        need_dadd = need_dadd and ctx.add_dtype is not None
         grad = grad.to(x.dtype)
-        dx, dw, db = native.kernels().linear_backward(  # type: ignore[union-attr]
-            grad, x, weight, need_dx, need_dw, need_db
+        dx, dw, db, dadd = native.kernels().linear_backward(  # type: ignore[union-attr]
+            grad, x, weight, need_dx, need_dw, need_db, add_index if need_dadd else None, ctx.add_rows
         )
+        if need_dadd:
+            # Row-aligned add: its gradient is grad itself; indexed: grad's rows summed per index (the kernel).
+            dadd = (grad if add_index is None else dadd).to(ctx.add_dtype)
         return (
             dx if need_dx else None,
             dw.to(weight.dtype) if need_dw else None,
             db.to(ctx.bias_dtype) if need_db else None,
-            grad.to(ctx.add_dtype) if need_dadd and ctx.add_dtype is not None else None,
+            dadd if need_dadd else None,
+            None,
         )
 
 
@@ -76,17 +88,28 @@ def native_linear_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, add: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    add: torch.Tensor | None = None,
+    add_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ weight.T + bias (+ add)``: ``x: [M, I]``, ``weight: [O, I]``, ``bias: [O]``, ``add: [M, O]`` ->
-    ``[M, O]`` (bf16 under CPU bf16 autocast, as ``F.linear`` / ``addmm`` there)."""
+    """``x @ weight.T + bias (+ add)``: ``x: [M, I]``, ``weight: [O, I]``, ``bias: [O]``, ``add: [M, O]`` --
+    or ``[S, O]`` with ``add_index: [M]`` int64, meaning ``add[add_index]`` (e.g. a per-sample term spread over
+    each sample's jagged rows; the kernel reads the rows by index instead of materialising the gather, and
+    sums the gradient back per index) -> ``[M, O]`` (bf16 under CPU bf16 autocast, as ``F.linear`` / ``addmm``
+    there)."""
+    if add is None and add_index is not None:
+        raise ValueError("linear: add_index given without add")
     dtype = native_linear_dtype(x, weight)
     if dtype == torch.bfloat16:
         if add is not None and add.dtype not in (torch.float32, torch.bfloat16):
             add = add.float()
-        return _NativeLinear.apply(x.to(dtype), weight, bias, add)
+        return _NativeLinear.apply(x.to(dtype), weight, bias, add, add_index)
+    if add is not None and add_index is not None:
+        add = add.index_select(0, add_index)
     if dtype == torch.float32:
-        y = _NativeLinear.apply(x, weight, bias, None)
+        y = _NativeLinear.apply(x, weight, bias, None, None)
         return y if add is None else y + add
     if add is None:
         return F.linear(x, weight, bias)

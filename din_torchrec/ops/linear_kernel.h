@@ -114,24 +114,57 @@ inline at::Tensor forward_bf16_single(const at::Tensor& x, const std::vector<flo
   return y;
 }
 
-// bf16 x [M, I], weight [O, I] (any float type, rounded to bf16), bias [O] or none, add [M, O] (float32 or
-// bf16) or none -> bf16 y [M, O] = x W^T + b + add, the sums in float32, rounded once.
+// add_index [M] int64, each in [0, rows), or none: checked, as a contiguous int64 tensor (undefined for none).
+inline at::Tensor checked_index(const std::optional<at::Tensor>& index, int64_t m, int64_t rows) {
+  if (!index) return at::Tensor();
+  TORCH_CHECK(index->scalar_type() == at::kLong && index->dim() == 1 && index->size(0) == m,
+              "native linear: add_index must be int64 [", m, "], got ", index->scalar_type(), " ", index->sizes());
+  at::Tensor idx = index->contiguous();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t r = 0; r < m; ++r)
+    TORCH_CHECK(ip[r] >= 0 && ip[r] < rows, "native linear: add_index[", r, "] = ", ip[r], " is outside [0, ",
+                rows, ")");
+  return idx;
+}
+
+// Row r of add: add itself row-aligned with y, or add[index[r]] (index defined).
+inline const float* add_row_f32(const at::Tensor& add, const int64_t* index, int64_t r, int64_t o) {
+  return add.data_ptr<float>() + (index ? index[r] : r) * o;
+}
+inline const Bf16* add_row_bf16(const at::Tensor& add, const int64_t* index, int64_t r, int64_t o) {
+  return add.data_ptr<Bf16>() + (index ? index[r] : r) * o;
+}
+
+// bf16 x [M, I], weight [O, I] (any float type, rounded to bf16), bias [O] or none, add (float32 or bf16) or
+// none -> bf16 y [M, O] = x W^T + b + add, the sums in float32, rounded once. add is [M, O], or with add_index
+// [M] any [S, O] whose row add_index[r] goes to row r (a per-sample term broadcast over each sample's rows,
+// without materialising the [M, O] gather).
 inline at::Tensor forward_bf16(const at::Tensor& x_in, const at::Tensor& weight,
-                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& add) {
+                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& add,
+                               const std::optional<at::Tensor>& add_index) {
   constexpr int64_t kb = din_gemm::kGemmRowBlock;
   const at::Tensor x = x_in.contiguous();
   const int64_t m = x.size(0), in = x.size(1), o = weight.size(0), kp = in + (in & 1);
   const at::Tensor wf = weight.to(at::kFloat).contiguous();
   const float* wp = wf.data_ptr<float>();
   const std::vector<float> bv = bias_values(bias, o);
-  at::Tensor plus;
+  at::Tensor plus, idx;
+  TORCH_CHECK(add || !add_index, "native linear: add_index without add");
   if (add) {
-    TORCH_CHECK(add->dim() == 2 && add->size(0) == m && add->size(1) == o &&
+    const int64_t rows = add_index ? add->size(0) : m;
+    TORCH_CHECK(add->dim() == 2 && add->size(0) == rows && add->size(1) == o &&
                     (add->scalar_type() == at::kFloat || add->scalar_type() == at::kBFloat16),
-                "native linear: add must be float32 or bf16 [", m, ", ", o, "]");
+                "native linear: add must be float32 or bf16 [", rows, ", ", o, "], got ", add->scalar_type(), " ",
+                add->sizes());
     plus = add->contiguous();
+    idx = checked_index(add_index, m, rows);
   }
-  if (o == 1) return forward_bf16_single(x, bf16_rounded(wf), bv[0], plus);
+  const int64_t* ip = idx.defined() ? idx.data_ptr<int64_t>() : nullptr;
+  if (o == 1) {
+    // One output: the added column gathered here (at most M values) keeps forward_bf16_single row-aligned.
+    if (ip) plus = plus.index_select(0, idx);
+    return forward_bf16_single(x, bf16_rounded(wf), bv[0], plus);
+  }
   const std::vector<Bf16> wb = pack_vnni(in, o, [&](int64_t i, int64_t j) { return wp[j * in + i]; });
   at::Tensor y = at::empty({m, o}, x.options());
   const Bf16* xp = x.data_ptr<Bf16>();
@@ -145,11 +178,17 @@ inline at::Tensor forward_bf16(const at::Tensor& x_in, const at::Tensor& weight,
       const Bf16* a = lhs_block(xp, m, in, r0, abuf, lda);
       at::native::cpublas::brgemm(kb, o, kp, lda, o, o, false, a, wb.data(), c.data(), true);
       if (plus.defined() && plus.scalar_type() == at::kFloat) {
-        const float* ap = plus.data_ptr<float>() + r0 * o;
-        for (int64_t i = 0; i < rows * o; ++i) c[i] += ap[i];
+        for (int64_t i = 0; i < rows; ++i) {
+          const float* __restrict__ ap = add_row_f32(plus, ip, r0 + i, o);
+          float* __restrict__ ci = c.data() + i * o;
+          for (int64_t j = 0; j < o; ++j) ci[j] += ap[j];
+        }
       } else if (plus.defined()) {
-        const Bf16* ap = plus.data_ptr<Bf16>() + r0 * o;
-        for (int64_t i = 0; i < rows * o; ++i) c[i] += static_cast<float>(ap[i]);
+        for (int64_t i = 0; i < rows; ++i) {
+          const Bf16* __restrict__ ap = add_row_bf16(plus, ip, r0 + i, o);
+          float* __restrict__ ci = c.data() + i * o;
+          for (int64_t j = 0; j < o; ++j) ci[j] += static_cast<float>(ap[j]);
+        }
       }
       for (int64_t i = 0; i < rows; ++i) {
         float* __restrict__ ci = c.data() + i * o;
@@ -207,15 +246,25 @@ inline std::vector<at::Tensor> backward_bf16_single(const at::Tensor& g, const a
   return {dx, dw, db};
 }
 
-// bf16 grad_y [M, O], bf16 x [M, I], weight [O, I] -> {dx bf16 [M, I], dW float32 [O, I], db float32 [O]}
-// (each undefined unless asked for).
+// bf16 grad_y [M, O], bf16 x [M, I], weight [O, I] -> {dx bf16 [M, I], dW float32 [O, I], db float32 [O],
+// d(add) float32 [add_rows, O]} (each undefined unless asked for; d(add), the gradient of forward_bf16's
+// indexed add, is asked for by add_index: grad_y's rows summed by add_index, in float32).
 inline std::vector<at::Tensor> backward_bf16(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                             const at::Tensor& weight, bool need_dx, bool need_dw, bool need_db) {
+                                             const at::Tensor& weight, bool need_dx, bool need_dw, bool need_db,
+                                             const std::optional<at::Tensor>& add_index, int64_t add_rows) {
   constexpr int64_t kb = din_gemm::kGemmRowBlock;
   const at::Tensor g = grad_in.contiguous(), x = x_in.contiguous();
   const int64_t m = x.size(0), in = x.size(1), o = weight.size(0), op = o + (o & 1);
   TORCH_CHECK(g.size(0) == m && g.size(1) == o, "native linear: grad_y must be [", m, ", ", o, "]");
-  if (o == 1) return backward_bf16_single(g, x, weight, need_dx, need_dw, need_db);
+  const at::Tensor idx = checked_index(add_index, m, add_rows);
+  const at::TensorOptions f32 = x.options().dtype(at::kFloat);
+  if (o == 1) {
+    std::vector<at::Tensor> out = backward_bf16_single(g, x, weight, need_dx, need_dw, need_db);
+    // One output: at most M values to add, ATen's index_add (sequential on the CPU: deterministic).
+    if (idx.defined()) out.push_back(at::zeros({add_rows, 1}, f32).index_add_(0, idx, g.to(at::kFloat)));
+    else out.push_back(at::Tensor());
+    return out;
+  }
   const Bf16* gp = g.data_ptr<Bf16>();
   const Bf16* xp = x.data_ptr<Bf16>();
   const int64_t blocks = row_blocks(m);
@@ -236,11 +285,13 @@ inline std::vector<at::Tensor> backward_bf16(const at::Tensor& grad_in, const at
   // block transposed ([O, kb] bf16), each word holding one column's two consecutive rows; zero past the last
   // row. db = the grad's column sums. dW / db per thread, added in thread order.
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-  const at::TensorOptions f32 = x.options().dtype(at::kFloat);
   at::Tensor dw_parts = need_dw ? at::zeros({threads, o, in}, f32) : at::Tensor();
   at::Tensor db_parts = need_db ? at::zeros({threads, o}, f32) : at::Tensor();
+  at::Tensor dadd_parts = idx.defined() ? at::zeros({threads, add_rows, o}, f32) : at::Tensor();
   float* dwp = need_dw ? dw_parts.data_ptr<float>() : nullptr;
   float* dbp = need_db ? db_parts.data_ptr<float>() : nullptr;
+  float* dap = idx.defined() ? dadd_parts.data_ptr<float>() : nullptr;
+  const int64_t* ip = idx.defined() ? idx.data_ptr<int64_t>() : nullptr;
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     std::vector<Bf16> gt(o * kb), abuf;
     std::vector<uint32_t> gv(kb / 2 * o), xv(kb / 2 * in);
@@ -261,6 +312,14 @@ inline std::vector<at::Tensor> backward_bf16(const at::Tensor& grad_in, const at
             for (int64_t j = 0; j < o; ++j) dbt[j] += static_cast<float>(gi[j]);
           }
         }
+        if (dap) {
+          float* dat = dap + t * add_rows * o;
+          for (int64_t i = 0; i < rows; ++i) {
+            const Bf16* __restrict__ gi = gp + (r0 + i) * o;
+            float* __restrict__ di = dat + ip[r0 + i] * o;
+            for (int64_t j = 0; j < o; ++j) di[j] += static_cast<float>(gi[j]);
+          }
+        }
         if (need_dw) {
           vnni_rows(gp + r0 * o, rows, o, gv.data());
           vnni_rows(xp + r0 * in, rows, in, xv.data());
@@ -273,22 +332,23 @@ inline std::vector<at::Tensor> backward_bf16(const at::Tensor& grad_in, const at
   });
   if (need_dw) dw = din_gemm::sum_parts(dw_parts);
   if (need_db) db = din_gemm::sum_parts(db_parts);
-  return {dx, dw, db};
+  return {dx, dw, db, idx.defined() ? din_gemm::sum_parts(dadd_parts) : at::Tensor()};
 }
 
 }  // namespace din_linear
 
 // x [M, I], weight [O, I], bias [O] or none -> y [M, O].
-// bf16 x: forward_bf16 (add, [M, O] or none, added before the output's rounding); float32 x: no add.
+// bf16 x: forward_bf16 (add -- [M, O], or [S, O] by add_index [M] -- or none, added before the output's
+// rounding); float32 x: no add.
 inline at::Tensor linear_forward(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias,
-                                 std::optional<at::Tensor> add) {
+                                 std::optional<at::Tensor> add, std::optional<at::Tensor> add_index) {
   using namespace din_linear;
   if (x.scalar_type() == at::kBFloat16) {
     TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
                 "native linear: bf16 x [M, I] and weight [O, I] expected");
-    return forward_bf16(x, weight, bias, add);
+    return forward_bf16(x, weight, bias, add, add_index);
   }
-  TORCH_CHECK(!add, "native linear: add is for bf16 x only");
+  TORCH_CHECK(!add && !add_index, "native linear: add is for bf16 x only");
   check_2d_f32(x, "x");
   check_2d_f32(weight, "weight");
   TORCH_CHECK(x.size(1) == weight.size(1), "native linear: x has ", x.size(1), " columns, weight expects ",
@@ -319,18 +379,20 @@ inline at::Tensor linear_forward(at::Tensor x, at::Tensor weight, std::optional<
 }
 
 // grad_y [M, O], x [M, I], weight [O, I] -> {dx [M, I] (undefined unless need_dx), dW [O, I] (unless need_dw),
-// db [O] (unless need_db)}: float32, or for bf16 grad_y and x (forward_bf16's backward) dx in bf16, dW and db in
-// float32.
+// db [O] (unless need_db), d(add) [add_rows, O] (bf16 only; unless add_index)}: float32, or for bf16 grad_y and
+// x (forward_bf16's backward) dx in bf16, dW, db and d(add) in float32.
 inline std::vector<at::Tensor> linear_backward(at::Tensor grad_y, at::Tensor x, at::Tensor weight, bool need_dx,
-                                               bool need_dw, bool need_db) {
+                                               bool need_dw, bool need_db, std::optional<at::Tensor> add_index,
+                                               int64_t add_rows) {
   using namespace din_linear;
   constexpr int64_t kb = din_gemm::kGemmRowBlock;
   if (x.scalar_type() == at::kBFloat16) {
     TORCH_CHECK(grad_y.scalar_type() == at::kBFloat16 && grad_y.dim() == 2 && x.dim() == 2 && weight.dim() == 2 &&
                     x.size(1) == weight.size(1),
                 "native linear: bf16 grad_y [M, O], x [M, I] and weight [O, I] expected");
-    return backward_bf16(grad_y, x, weight, need_dx, need_dw, need_db);
+    return backward_bf16(grad_y, x, weight, need_dx, need_dw, need_db, add_index, add_rows);
   }
+  TORCH_CHECK(!add_index, "native linear: add_index is for bf16 x only");
   check_2d_f32(grad_y, "grad_y");
   check_2d_f32(x, "x");
   check_2d_f32(weight, "weight");
@@ -355,5 +417,5 @@ inline std::vector<at::Tensor> linear_backward(at::Tensor grad_y, at::Tensor x, 
     });
   }
   if (need_dw) dw = din_gemm::gemm_at_b(m, o, in, gp, xp, x.options());
-  return {dx, dw, need_db ? grad_y.sum(0) : at::Tensor()};
+  return {dx, dw, need_db ? grad_y.sum(0) : at::Tensor(), at::Tensor()};
 }

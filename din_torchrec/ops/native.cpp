@@ -46,7 +46,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_forward", &linear_forward,
         "x W^T + b through oneDNN BRGEMM in float32 or bf16 (row blocks among threads)",
         kNoGil);
-  m.def("linear_backward", &linear_backward, "its backward: dx, dW, db",
+  m.def("linear_backward", &linear_backward, "its backward: dx, dW, db, d(add) (indexed add only)",
         kNoGil);
   m.def("pair_loss_fused", &pair_loss_fused,
         "DIEN's auxiliary pair loss, forward and backward in blocks of rows: loss, g_states, g_x, g_w..., g_b...",

@@ -132,23 +132,28 @@ def _bf16(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(add=st.sampled_from([None, torch.float32, torch.bfloat16]), **_CASES)
+@given(add=st.sampled_from([None, torch.float32, torch.bfloat16]), indexed=st.booleans(), **_CASES)
 def test_bf16_native_linear_equals_float64_reference_on_its_operands(
-    m, i, o, bias, add, threads, seed
+    m, i, o, bias, add, indexed, threads, seed
 ) -> None:
     # What autocast's F.linear computes: bf16 operands (x, W; the gradient arriving in bf16), exact products
     # summed in float32, the output and dx rounded to bf16 once -- here with the bias (float32) and the added
-    # rows inside that one rounding -- dW and db summed in float32 and returned in float32.
+    # rows inside that one rounding -- dW and db summed in float32 and returned in float32. Indexed: the
+    # added rows are add[index] of a [S, O] add (unsorted, repeated and unused rows), its gradient the
+    # index_add of the output gradient.
     x, w, b, g = _case(m, i, o, bias, seed)
-    extra = None
+    extra = index = None
     if add is not None:
-        extra = torch.randn(m, o, generator=torch.Generator().manual_seed(seed + 1)).to(add).requires_grad_()
+        gen = torch.Generator().manual_seed(seed + 1)
+        rows = int(torch.randint(1, 6, (1,), generator=gen)) if indexed else m
+        extra = torch.randn(rows, o, generator=gen).to(add).requires_grad_()
+        index = torch.randint(0, rows, (m,), generator=gen) if indexed else None
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert linear_module.native_linear_dtype(x, w) == torch.bfloat16
-            y = linear(x, w, b, add=extra)
+            y = linear(x, w, b, add=extra, add_index=index)
         inputs = [t for t in (x, w, b, extra) if t is not None]
         got = [y.detach(), *torch.autograd.grad(y, inputs, g.bfloat16())]
     finally:
@@ -156,7 +161,9 @@ def test_bf16_native_linear_equals_float64_reference_on_its_operands(
     assert y.dtype == torch.bfloat16 and got[1].dtype == torch.float32  # dx of the float32 x: cast back
     ref_in = [_bf16(x), _bf16(w), None if b is None else b.detach().double().requires_grad_()]
     ref_extra = None if extra is None else extra.detach().double().requires_grad_()
-    want_y = F.linear(*ref_in) + (0 if ref_extra is None else ref_extra)
+    want_y = F.linear(*ref_in) + (
+        0 if ref_extra is None else ref_extra if index is None else ref_extra.index_select(0, index)
+    )
     want = [
         want_y,
         *torch.autograd.grad(
@@ -167,7 +174,9 @@ def test_bf16_native_linear_equals_float64_reference_on_its_operands(
     torch.testing.assert_close(got[0].double(), want[0], rtol=2**-8, atol=1e-3)
     torch.testing.assert_close(got[1].double(), want[1], rtol=2**-8, atol=1e-3)
     for a, e in zip(got[2:], want[2:]):
-        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-4)
+        # An indexed bf16 add's gradient: a float32 sum over rows, rounded once to bf16.
+        rtol = 2**-8 if a.dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(a.double(), e, rtol=rtol, atol=1e-4)
 
 
 def test_bf16_kernel_agrees_with_autocasts_f_linear() -> None:
@@ -224,3 +233,21 @@ def test_mlp_under_bf16_autocast_runs_the_kernel_without_padding_rows(monkeypatc
     for a, e in zip(gy, gref):
         assert a.dtype == e.dtype
         torch.testing.assert_close(a.double(), e.double(), rtol=2**-5, atol=3e-2 * float(e.abs().max()))
+
+
+def test_indexed_add_checks_its_index() -> None:
+    x, w, _, _ = _case(10, 8, 6, False, 0)
+    add = torch.randn(3, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match=r"add_index\[4\] = 3 is outside \[0, 3\)"):
+            linear(x, w, None, add=add, add_index=torch.tensor([0, 1, 2, 0, 3, 1, 1, 1, 1, 1]))
+        with pytest.raises(RuntimeError, match="add_index must be int64"):
+            linear(x, w, None, add=add, add_index=torch.zeros(10, dtype=torch.int32))
+        with pytest.raises(ValueError, match="add_index given without add"):
+            linear(x, w, None, add_index=torch.zeros(10, dtype=torch.long))
+    # Outside the kernel (float64) the same call is the gather itself.
+    idx = torch.tensor([2, 0, 0, 1, 2, 2, 1, 0, 0, 1])
+    torch.testing.assert_close(
+        linear(x.double(), w.double(), None, add=add.double(), add_index=idx),
+        F.linear(x.double(), w.double()) + add.double()[idx],
+    )
