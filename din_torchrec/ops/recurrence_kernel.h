@@ -88,13 +88,15 @@ void step_forward(int64_t b, int64_t h, const T* __restrict__ x, const float* __
 // One step backward for b rows: from dh [b, H] (complete: output gradient plus what later steps sent back)
 // the gradients of the gate pre-activations: dx [b, G] (in x's type), dhh [b, G] (of U h: equal to dx on the
 // sigmoid columns, r dx on the n columns), datt [b] (attentional modes); adds dx's rows to dbx [G] (the input
-// bias's gradient, in float32) and dh k to dprev [b, H] (the k h term). hp: zeros at step 0, and dprev then a
-// scratch buffer: no null pointers, no branch in the inner loop (see step_forward).
+// bias's gradient, in float32) and starts dprev [b, H], the previous states' gradient, as their own output
+// gradient gprev plus dh k (the k h term; the U h term is added after). hp and gprev: zeros at step 0, and
+// dprev then a scratch buffer: no null pointers, no branch in the inner loop (see step_forward).
 template <int64_t M, typename T>
 void step_backward(int64_t b, int64_t h, const float* __restrict__ dh, const float* __restrict__ sig,
                    const float* __restrict__ cand, const float* __restrict__ hhn, const float* __restrict__ hp,
-                   const float* __restrict__ att, T* __restrict__ dx, float* __restrict__ dhh,
-                   float* __restrict__ dbx, float* __restrict__ datt, float* __restrict__ dprev) {
+                   const float* __restrict__ att, const float* __restrict__ gprev, T* __restrict__ dx,
+                   float* __restrict__ dhh, float* __restrict__ dbx, float* __restrict__ datt,
+                   float* __restrict__ dprev) {
   constexpr int64_t ns = M == kAgru ? 1 : 2;
   const int64_t g = (ns + 1) * h;
   for (int64_t i = 0; i < b; ++i) {
@@ -106,6 +108,7 @@ void step_backward(int64_t b, int64_t h, const float* __restrict__ dh, const flo
     float* dhi = dhh + i * g;
     const float* hpi = hp + i * h;
     float* dpi = dprev + i * h;
+    const float* gpi = gprev + i * h;
     const float a = (M == kAugru || M == kAgru) ? att[i] : 0.0f;
     float da = 0.0f;
     for (int64_t j = 0; j < h; ++j) {
@@ -155,7 +158,7 @@ void step_backward(int64_t b, int64_t h, const float* __restrict__ dh, const flo
         dhi[h + j] = g1;
         dbx[h + j] += g1;
       }
-      dpi[j] += d * k;
+      dpi[j] = gpi[j] + d * k;
     }
     if constexpr (M == kAugru || M == kAgru) datt[i] = da;
   }
@@ -234,7 +237,13 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const std::opt
                                       const std::vector<int64_t>& steps, bool has_bias, bool has_input_bias) {
   constexpr int64_t ns = M == kAgru ? 1 : 2;
   const int64_t n_rows = out.size(0), h = out.size(1), g = (ns + 1) * h;
-  at::Tensor dh_all = grad_out.clone(at::MemoryFormat::Contiguous);
+  // Each state's complete gradient: its output gradient plus what the next step sends back. Rows with a next
+  // step get theirs written by that step (step_backward starts them from grad_out); the rest (each sequence's
+  // last state, B rows in all) are copied from grad_out when their step comes -- instead of cloning all of
+  // grad_out up front (a [N, H] copy).
+  const at::Tensor go = grad_out.contiguous();
+  const float* gop = go.data_ptr<float>();
+  at::Tensor dh_all = at::empty({n_rows, h}, out.options());
   at::Tensor dx = at::empty({n_rows, g}, out.options().dtype(c10::CppTypeToScalarType<T>::value));
   // The input bias's, the recurrent weight's and its bias's gradients summed per part (part q of every step into
   // slot q), then over the parts in order: deterministic for a given thread count. Each part's gate gradients
@@ -257,16 +266,19 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const std::opt
   const float* outp = out.data_ptr<float>();
   for (int64_t t = static_cast<int64_t>(steps.size()) - 1; t >= 0; --t) {
     const int64_t b = steps[t], start = starts[t], parts = std::min(step_parts(b), slots);
+    const int64_t next = t + 1 < static_cast<int64_t>(steps.size()) ? steps[t + 1] : 0;  // rows with a next step
+    std::memcpy(dhp + (start + next) * h, gop + (start + next) * h, sizeof(float) * (b - next) * h);
     at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
       at::NoGradGuard no_grad;  // grad mode is thread-local: a worker thread's must not see weight_hh's grad
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t r0 = b * q / parts, rows = b * (q + 1) / parts - r0, row = start + r0;
         const float* hp = t > 0 ? outp + (starts[t - 1] + r0) * h : zeros.data_ptr<float>() + r0 * h;
         float* dprev = t > 0 ? dhp + (starts[t - 1] + r0) * h : scratch.data_ptr<float>() + r0 * h;
+        const float* gprev = t > 0 ? gop + (starts[t - 1] + r0) * h : zeros.data_ptr<float>() + r0 * h;
         float* dhh = dhh_scratch.data_ptr<float>() + q * dhh_scratch.size(1);
         step_backward<M, T>(rows, h, dhp + row * h, sig.data_ptr<float>() + row * ns * h,
                             cand.data_ptr<float>() + row * h, hh_n.data_ptr<float>() + row * h, hp,
-                            attp ? attp + row : nullptr, dx.data_ptr<T>() + row * g, dhh,
+                            attp ? attp + row : nullptr, gprev, dx.data_ptr<T>() + row * g, dhh,
                             dbx_parts.data_ptr<float>() + q * g, att ? datt.data_ptr<float>() + row : nullptr,
                             dprev);
         if (has_bias) {

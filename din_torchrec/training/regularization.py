@@ -85,6 +85,27 @@ def kjt_mba_coefficients(
     return {k: torch.from_numpy(v) for k, v in mba_coefficients(ids, table_of_key, frequencies, mode).items()}
 
 
+class _WeightedSquaredNorms(torch.autograd.Function):
+    """``sum_i c_i ||v_i||^2`` for ``v: [N, D]``, ``c: [N]`` (float32 sums), with its gradient ``2 g c_i v_i``
+    in one pass. Written out because autograd's ``(v.pow(2).sum(-1) * c).sum()`` made six passes over
+    ``[N, D]`` each way (pow, sum, mul; pow's backward as two muls and a copy): ~0.9 ms of a DIEN step on
+    the CPU for the sequence keys' 26k rows."""
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        acc = torch.promote_types(v.dtype, torch.float32)  # float32 sums for bf16 rows; float64 stays
+        v32, c32 = v.to(acc), c.to(acc)
+        ctx.save_for_backward(v, c32)
+        # (v * c[:, None]) . v: one elementwise pass and one dot product.
+        return torch.dot((v32 * c32.unsqueeze(-1)).reshape(-1), v32.reshape(-1))
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        v, c32 = ctx.saved_tensors
+        grad = v.to(c32.dtype) * (c32 * (2.0 * g)).unsqueeze(-1)
+        return grad.to(v.dtype), None
+
+
 def mba_penalty(
     embeddings: Mapping[str, torch.Tensor | JaggedTensor],
     coefficients: Mapping[str, torch.Tensor],
@@ -104,7 +125,7 @@ def mba_penalty(
             raise ValueError(
                 f"regularization for {key!r}: {c.shape[0]} coefficients for {values.shape[0]} looked-up rows"
             )
-        term = (values.float().pow(2).sum(-1) * c.to(values.device)).sum()
+        term = _WeightedSquaredNorms.apply(values, c.to(values.device))
         total = term if total is None else total + term
     if total is None:
         return torch.zeros(())

@@ -112,3 +112,23 @@ def test_fused_optimizer_leaves_untouched_rows_unchanged() -> None:
             torch.testing.assert_close(after[j], expected)
         else:
             assert torch.equal(after[j], before[j]), f"untouched row {j} changed"
+
+
+def test_penalty_gradient_matches_autograd_of_the_formula() -> None:
+    # The written-out backward against autograd's own on sum_i c_i ||v_i||^2 (float64 gradcheck, and float32 /
+    # bf16 rows against the float64 formula).
+    gen = torch.Generator().manual_seed(3)
+    v = torch.randn(37, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    c = torch.rand(37, generator=gen, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: mba_penalty({"k": x}, {"k": c}), (v,))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = v.detach().to(dtype).requires_grad_()
+        got = mba_penalty({"k": x}, {"k": c.float()})
+        (g,) = torch.autograd.grad(got, x)
+        ref_x = x.detach().double().requires_grad_()
+        want = ((ref_x * ref_x).sum(-1) * c.float().double()).sum()
+        (want_g,) = torch.autograd.grad(want, ref_x)
+        assert got.dtype == torch.float32 and g.dtype == dtype
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+        tol = 1e-5 if dtype == torch.float32 else 2**-7
+        torch.testing.assert_close(g.double(), want_g, rtol=tol, atol=1e-6)
