@@ -38,7 +38,7 @@ from din_torchrec.modules.attention import LocalActivationUnit, complete_offsets
 from din_torchrec.modules.mlp import MLP, linear_rows, row_bucketed
 from din_torchrec.modules.recurrence import packed_recurrence
 from din_torchrec.modules.rows import gather_rows, inverse_index
-from din_torchrec.ops.linear import linear
+from din_torchrec.ops.linear import linear, native_linear_dtype
 from din_torchrec.ops.pair_loss import sigmoid_mlp_pair_loss
 
 EVOLUTION_KINDS = ("augru", "agru", "aigru")
@@ -296,11 +296,7 @@ class InterestExtractor(nn.Module):
             return (*self.forward_packed(behaviours, lengths, layout), None)
         gru = self.gru
         # Input side of every step in one matmul, gathered into packed (time-major, length-ranked) order.
-        x = linear_rows(
-            gather_rows(behaviours, layout.packed_index, layout.unpack_index),
-            gru.weight_ih_l0,
-            gru.bias_ih_l0,
-        )
+        x = project_packed(behaviours, layout, gru.weight_ih_l0, gru.bias_ih_l0)
         packed = packed_recurrence(x, None, gru.weight_hh_l0, gru.bias_hh_l0, layout.steps, "gru")
         states = gather_rows(packed, layout.unpack_index, layout.packed_index)
         return states, final_states(packed, layout, lengths), packed
@@ -325,6 +321,18 @@ class InterestExtractor(nn.Module):
         if active < b:
             final_sorted = torch.cat([final_sorted, final_sorted.new_zeros(b - active, self.hidden_size)])
         return states, final_sorted.index_select(0, layout.inverse_order)
+
+
+def project_packed(
+    x: torch.Tensor, layout: PackedLayout, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x [N, I]`` (jagged order) -> ``[N, O]``, ``W x + b`` of its rows in the layout's packed order: the
+    input side of every recurrence step in one matmul. Under bf16 on the CPU the linear kernel reads the rows
+    by index and rounds them itself (no gathered copy, no cast of all rows; its backward scatters the rows'
+    gradient back); elsewhere :func:`~din_torchrec.modules.rows.gather_rows` then :func:`linear_rows`."""
+    if native_linear_dtype(x, weight) == torch.bfloat16:
+        return linear(x, weight, bias, rows=layout.packed_index)
+    return linear_rows(gather_rows(x, layout.packed_index, layout.unpack_index), weight, bias)
 
 
 def final_states(packed: torch.Tensor, layout: PackedLayout, lengths: torch.Tensor) -> torch.Tensor:
@@ -429,8 +437,9 @@ class InterestEvolution(nn.Module):
         cell = self.cell
         # cell.project_input, its rows padded to a bucket where the matmul is oneDNN's (linear_rows).
         if packed_states is None:
-            packed_states = gather_rows(states, layout.packed_index, layout.unpack_index)
-        x = linear_rows(packed_states, cell.weight_ih)
+            x = project_packed(states, layout, cell.weight_ih)
+        else:
+            x = linear_rows(packed_states, cell.weight_ih)
         a = gather_rows(att, layout.packed_index, layout.unpack_index)
         if self.kind == "aigru":
             # W (a x) = a (W x): the attention scales the projection; then a plain GRU.

@@ -26,9 +26,11 @@ from din_torchrec.ops import native
 
 
 class _NativeLinear(torch.autograd.Function):
-    """``x: [M, I]`` float32 or bf16 (the kernel's compute type), ``weight: [O, I]``, ``bias: [O]`` or None,
-    ``add`` or None (bf16 ``x`` only: added in float32 before the output's rounding): ``[M, O]``, or with
-    ``add_index: [M]`` int64 any ``[S, O]`` whose row ``add_index[r]`` goes to output row ``r``."""
+    """``x: [X, I]`` (float32; or bf16 for the bf16 kernel, which also reads float32 and rounds it block by
+    block), ``weight: [O, I]``, ``bias: [O]`` or None, ``add`` or None (bf16 only: added in float32 before the
+    output's rounding): ``[M, O]``, or with ``add_index: [M]`` int64 any ``[S, O]`` whose row ``add_index[r]``
+    goes to output row ``r``; ``rows: [M]`` distinct int64 or None (bf16 only): the product of ``x[rows]``,
+    its gradient scattered back to those rows of ``x``."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -38,22 +40,27 @@ class _NativeLinear(torch.autograd.Function):
         bias: torch.Tensor | None,
         add: torch.Tensor | None,
         add_index: torch.Tensor | None,
+        rows: torch.Tensor | None,
+        compute_bf16: bool,
     ) -> torch.Tensor:
-        ctx.save_for_backward(x, weight, add_index)
+        ctx.save_for_backward(x, weight, add_index, rows)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.add_dtype = None if add is None else add.dtype
         ctx.add_rows = 0 if add is None else add.shape[0]
-        return native.kernels().linear_forward(x, weight, bias, add, add_index)  # type: ignore[union-attr]
+        ctx.compute = torch.bfloat16 if compute_bf16 else torch.float32
+        return native.kernels().linear_forward(  # type: ignore[union-attr]
+            x, weight, bias, add, add_index, rows, compute_bf16
+        )
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        x, weight, add_index = ctx.saved_tensors
-        need_dx, need_dw, need_db, need_dadd, _ = ctx.needs_input_grad
+        x, weight, add_index, rows = ctx.saved_tensors
+        need_dx, need_dw, need_db, need_dadd = ctx.needs_input_grad[:4]
         need_db = need_db and ctx.bias_dtype is not None
         need_dadd = need_dadd and ctx.add_dtype is not None
-        grad = grad.to(x.dtype)
+        grad = grad.to(ctx.compute)
         dx, dw, db, dadd = native.kernels().linear_backward(  # type: ignore[union-attr]
-            grad, x, weight, need_dx, need_dw, need_db, add_index if need_dadd else None, ctx.add_rows
+            grad, x, weight, need_dx, need_dw, need_db, add_index if need_dadd else None, ctx.add_rows, rows
         )
         if need_dadd:
             # Row-aligned add: its gradient is grad itself; indexed: grad's rows summed per index (the kernel).
@@ -63,6 +70,8 @@ class _NativeLinear(torch.autograd.Function):
             dw.to(weight.dtype) if need_dw else None,
             db.to(ctx.bias_dtype) if need_db else None,
             dadd if need_dadd else None,
+            None,
+            None,
             None,
         )
 
@@ -93,23 +102,31 @@ def linear(
     bias: torch.Tensor | None = None,
     add: torch.Tensor | None = None,
     add_index: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ weight.T + bias (+ add)``: ``x: [M, I]``, ``weight: [O, I]``, ``bias: [O]``, ``add: [M, O]`` --
-    or ``[S, O]`` with ``add_index: [M]`` int64, meaning ``add[add_index]`` (e.g. a per-sample term spread over
-    each sample's jagged rows; the kernel reads the rows by index instead of materialising the gather, and
-    sums the gradient back per index) -> ``[M, O]`` (bf16 under CPU bf16 autocast, as ``F.linear`` / ``addmm``
-    there)."""
+    """``x[rows] @ weight.T + bias (+ add)``: ``x: [X, I]``, ``rows: [M]`` distinct row numbers (None: all of
+    ``x``, M = X), ``weight: [O, I]``, ``bias: [O]``, ``add: [M, O]`` -- or ``[S, O]`` with ``add_index: [M]``
+    int64, meaning ``add[add_index]`` (e.g. a per-sample term spread over each sample's jagged rows) -> ``[M,
+    O]`` (bf16 under CPU bf16 autocast, as ``F.linear`` / ``addmm`` there). Under bf16 the kernel reads the
+    rows by index and rounds float32 ``x`` block by block instead of a gathered copy and a cast of all of it,
+    and sums ``add``'s gradient per index and scatters ``x``'s back to ``rows`` itself."""
     if add is None and add_index is not None:
         raise ValueError("linear: add_index given without add")
     dtype = native_linear_dtype(x, weight)
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16 and weight.shape[0] > 1:
         if add is not None and add.dtype not in (torch.float32, torch.bfloat16):
             add = add.float()
-        return _NativeLinear.apply(x.to(dtype), weight, bias, add, add_index)
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            x = x.to(dtype)
+        return _NativeLinear.apply(x, weight, bias, add, add_index, rows, True)
+    if rows is not None:
+        x = x.index_select(0, rows)
+    if dtype == torch.bfloat16:  # one output: the kernel's dot-product path, on bf16 rows
+        return _NativeLinear.apply(x.to(dtype), weight, bias, add, add_index, None, True)
     if add is not None and add_index is not None:
         add = add.index_select(0, add_index)
     if dtype == torch.float32:
-        y = _NativeLinear.apply(x, weight, bias, None, None)
+        y = _NativeLinear.apply(x, weight, bias, None, None, None, False)
         return y if add is None else y + add
     if add is None:
         return F.linear(x, weight, bias)

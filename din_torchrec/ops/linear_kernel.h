@@ -71,6 +71,50 @@ inline void vnni_rows(const Bf16* src, int64_t rows, int64_t cols, uint32_t* out
   din_gemm::vnni_words(reinterpret_cast<const uint16_t*>(src), rows, cols, din_gemm::kGemmRowBlock / 2, out);
 }
 
+// Row block r0 (of m rows) of the product's left-hand side x[index[r]] (x[r] without an index), x float32 or
+// bf16 [*, k], as bf16 rows of stride ld (ld >= k; columns k .. ld and rows past the block's end zero): bf16 x
+// without an index is lhs_block's (in place when it can be); otherwise the rows are gathered and rounded into
+// buf -- the float32 -> bf16 cast and the row gather that would each have been a pass over all of x.
+template <typename In>
+inline const Bf16* x_block(const In* src, int64_t m, int64_t k, int64_t ld, int64_t r0, const int64_t* index,
+                           std::vector<Bf16>& buf, int64_t& lda) {
+  constexpr int64_t kb = din_gemm::kGemmRowBlock;
+  if constexpr (std::is_same_v<In, Bf16>) {
+    if (!index && ld == k + (k & 1)) return lhs_block(src, m, k, r0, buf, lda);
+  }
+  const int64_t rows = std::min(kb, m - r0);
+  buf.resize(kb * ld);
+  for (int64_t i = 0; i < rows; ++i) {
+    const In* s = src + (index ? index[r0 + i] : r0 + i) * k;
+    Bf16* d = buf.data() + i * ld;
+    if constexpr (std::is_same_v<In, Bf16>) std::memcpy(d, s, sizeof(Bf16) * k);
+    else din_ops::store_row(s, d, k);
+    std::fill(d + k, d + ld, Bf16(0.0f));
+  }
+  std::fill(buf.data() + rows * ld, buf.data() + kb * ld, Bf16(0.0f));
+  lda = ld;
+  return buf.data();
+}
+
+// rows [M] int64: distinct rows of an [x_rows, *] x, or none: checked, as a contiguous int64 tensor.
+inline at::Tensor checked_rows(const std::optional<at::Tensor>& rows, int64_t x_rows) {
+  if (!rows) return at::Tensor();
+  TORCH_CHECK(rows->scalar_type() == at::kLong && rows->dim() == 1 && rows->size(0) <= x_rows,
+              "native linear: rows must be int64 [M <= ", x_rows, "], got ", rows->scalar_type(), " ",
+              rows->sizes());
+  at::Tensor idx = rows->contiguous();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  std::vector<uint8_t> seen(x_rows, 0);
+  for (int64_t r = 0; r < idx.size(0); ++r) {
+    TORCH_CHECK(ip[r] >= 0 && ip[r] < x_rows, "native linear: rows[", r, "] = ", ip[r], " is outside [0, ", x_rows,
+                ")");
+    TORCH_CHECK(!seen[ip[r]], "native linear: rows[", r, "] = ", ip[r], " repeats an earlier row (rows must be ",
+                "distinct)");
+    seen[ip[r]] = 1;
+  }
+  return idx;
+}
+
 inline std::vector<float> bias_values(const std::optional<at::Tensor>& bias, int64_t o) {
   std::vector<float> out(o, 0.0f);
   if (bias) {
@@ -135,16 +179,20 @@ inline const Bf16* add_row_bf16(const at::Tensor& add, const int64_t* index, int
   return add.data_ptr<Bf16>() + (index ? index[r] : r) * o;
 }
 
-// bf16 x [M, I], weight [O, I] (any float type, rounded to bf16), bias [O] or none, add (float32 or bf16) or
-// none -> bf16 y [M, O] = x W^T + b + add, the sums in float32, rounded once. add is [M, O], or with add_index
-// [M] any [S, O] whose row add_index[r] goes to row r (a per-sample term broadcast over each sample's rows,
-// without materialising the [M, O] gather).
+// x [X, I] (bf16, or float32 rounded to bf16 block by block), weight [O, I] (any float type, rounded to bf16),
+// bias [O] or none, add (float32 or bf16) or none, rows [M] or none -> bf16 y [M, O] = x[rows] W^T + b + add
+// (x itself without rows: M = X), the sums in float32, rounded once. add is [M, O], or with add_index [M] any
+// [S, O] whose row add_index[r] goes to row r (a per-sample term broadcast over each sample's rows, without
+// materialising the [M, O] gather). One output (O = 1) takes bf16 x without rows.
+template <typename In>
 inline at::Tensor forward_bf16(const at::Tensor& x_in, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& add,
-                               const std::optional<at::Tensor>& add_index) {
+                               const std::optional<at::Tensor>& add_index, const std::optional<at::Tensor>& rows_in) {
   constexpr int64_t kb = din_gemm::kGemmRowBlock;
   const at::Tensor x = x_in.contiguous();
-  const int64_t m = x.size(0), in = x.size(1), o = weight.size(0), kp = in + (in & 1);
+  const at::Tensor rix = checked_rows(rows_in, x.size(0));
+  const int64_t m = rix.defined() ? rix.size(0) : x.size(0), in = x.size(1), o = weight.size(0);
+  const int64_t kp = in + (in & 1);
   const at::Tensor wf = weight.to(at::kFloat).contiguous();
   const float* wp = wf.data_ptr<float>();
   const std::vector<float> bv = bias_values(bias, o);
@@ -160,14 +208,16 @@ inline at::Tensor forward_bf16(const at::Tensor& x_in, const at::Tensor& weight,
     idx = checked_index(add_index, m, rows);
   }
   const int64_t* ip = idx.defined() ? idx.data_ptr<int64_t>() : nullptr;
+  const int64_t* xr = rix.defined() ? rix.data_ptr<int64_t>() : nullptr;
   if (o == 1) {
+    TORCH_CHECK((std::is_same_v<In, Bf16>) && !xr, "native linear: one output takes bf16 x without rows");
     // One output: the added column gathered here (at most M values) keeps forward_bf16_single row-aligned.
     if (ip) plus = plus.index_select(0, idx);
     return forward_bf16_single(x, bf16_rounded(wf), bv[0], plus);
   }
   const std::vector<Bf16> wb = pack_vnni(in, o, [&](int64_t i, int64_t j) { return wp[j * in + i]; });
-  at::Tensor y = at::empty({m, o}, x.options());
-  const Bf16* xp = x.data_ptr<Bf16>();
+  at::Tensor y = at::empty({m, o}, x.options().dtype(at::kBFloat16));
+  const In* xp = x.data_ptr<In>();
   Bf16* yp = y.data_ptr<Bf16>();
   at::parallel_for(0, row_blocks(m), 1, [&](int64_t k0, int64_t k1) {
     std::vector<Bf16> abuf;
@@ -175,7 +225,7 @@ inline at::Tensor forward_bf16(const at::Tensor& x_in, const at::Tensor& weight,
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t r0 = k * kb, rows = std::min(kb, m - r0);
       int64_t lda = 0;
-      const Bf16* a = lhs_block(xp, m, in, r0, abuf, lda);
+      const Bf16* a = x_block<In>(xp, m, in, kp, r0, xr, abuf, lda);
       at::native::cpublas::brgemm(kb, o, kp, lda, o, o, false, a, wb.data(), c.data(), true);
       if (plus.defined() && plus.scalar_type() == at::kFloat) {
         for (int64_t i = 0; i < rows; ++i) {
@@ -246,19 +296,26 @@ inline std::vector<at::Tensor> backward_bf16_single(const at::Tensor& g, const a
   return {dx, dw, db};
 }
 
-// bf16 grad_y [M, O], bf16 x [M, I], weight [O, I] -> {dx bf16 [M, I], dW float32 [O, I], db float32 [O],
-// d(add) float32 [add_rows, O]} (each undefined unless asked for; d(add), the gradient of forward_bf16's
-// indexed add, is asked for by add_index: grad_y's rows summed by add_index, in float32).
+// bf16 grad_y [M, O], x [X, I] (bf16 or float32, as forward_bf16's), weight [O, I], rows [M] or none ->
+// {dx [X, I] in x's type (rows of x not in rows: zero), dW float32 [O, I], db float32 [O], d(add) float32
+// [add_rows, O]} (each undefined unless asked for; d(add), the gradient of forward_bf16's indexed add, is asked
+// for by add_index: grad_y's rows summed by add_index, in float32). dx is rounded once, to x's type: float32
+// x gets the float32 sums (autocast would round them to bf16 and cast back).
+template <typename In>
 inline std::vector<at::Tensor> backward_bf16(const at::Tensor& grad_in, const at::Tensor& x_in,
                                              const at::Tensor& weight, bool need_dx, bool need_dw, bool need_db,
-                                             const std::optional<at::Tensor>& add_index, int64_t add_rows) {
+                                             const std::optional<at::Tensor>& add_index, int64_t add_rows,
+                                             const std::optional<at::Tensor>& rows_in) {
   constexpr int64_t kb = din_gemm::kGemmRowBlock;
   const at::Tensor g = grad_in.contiguous(), x = x_in.contiguous();
-  const int64_t m = x.size(0), in = x.size(1), o = weight.size(0), op = o + (o & 1);
+  const at::Tensor rix = checked_rows(rows_in, x.size(0));
+  const int64_t* xr = rix.defined() ? rix.data_ptr<int64_t>() : nullptr;
+  const int64_t m = xr ? rix.size(0) : x.size(0), in = x.size(1), o = weight.size(0), op = o + (o & 1);
   TORCH_CHECK(g.size(0) == m && g.size(1) == o, "native linear: grad_y must be [", m, ", ", o, "]");
   const at::Tensor idx = checked_index(add_index, m, add_rows);
   const at::TensorOptions f32 = x.options().dtype(at::kFloat);
   if (o == 1) {
+    TORCH_CHECK((std::is_same_v<In, Bf16>) && !xr, "native linear: one output takes bf16 x without rows");
     std::vector<at::Tensor> out = backward_bf16_single(g, x, weight, need_dx, need_dw, need_db);
     // One output: at most M values to add, ATen's index_add (sequential on the CPU: deterministic).
     if (idx.defined()) out.push_back(at::zeros({add_rows, 1}, f32).index_add_(0, idx, g.to(at::kFloat)));
@@ -266,17 +323,18 @@ inline std::vector<at::Tensor> backward_bf16(const at::Tensor& grad_in, const at
     return out;
   }
   const Bf16* gp = g.data_ptr<Bf16>();
-  const Bf16* xp = x.data_ptr<Bf16>();
+  const In* xp = x.data_ptr<In>();
   const int64_t blocks = row_blocks(m);
   at::Tensor dx, dw, db;
   std::vector<Bf16> wb;
-  Bf16* dxp = nullptr;
+  In* dxp = nullptr;
   if (need_dx) {
     const at::Tensor wf = weight.to(at::kFloat).contiguous();
     const float* wp = wf.data_ptr<float>();
     wb = pack_vnni(o, in, [&](int64_t i, int64_t j) { return wp[i * in + j]; });
-    dx = at::empty({m, in}, x.options());
-    dxp = dx.data_ptr<Bf16>();
+    // Rows of x that no output row read get no gradient: zeros (rows that are a permutation cover them all).
+    dx = xr && m < x.size(0) ? at::zeros_like(x) : at::empty_like(x);
+    dxp = dx.data_ptr<In>();
   }
   // One pass over the row blocks (contiguous runs per thread), each block's grad rows used for dx, db and dW
   // while in cache (three passes had read the cold [M, O] gradient three times). dx = grad W, one micro-kernel
@@ -293,7 +351,7 @@ inline std::vector<at::Tensor> backward_bf16(const at::Tensor& grad_in, const at
   float* dap = idx.defined() ? dadd_parts.data_ptr<float>() : nullptr;
   const int64_t* ip = idx.defined() ? idx.data_ptr<int64_t>() : nullptr;
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<Bf16> gt(o * kb), abuf;
+    std::vector<Bf16> gt(o * kb), abuf, xbuf;
     std::vector<uint32_t> gv(kb / 2 * o), xv(kb / 2 * in);
     std::vector<float> c(need_dx ? kb * in : 0);
     for (int64_t t = t0; t < t1; ++t) {
@@ -303,7 +361,11 @@ inline std::vector<at::Tensor> backward_bf16(const at::Tensor& grad_in, const at
           int64_t lda = 0;
           const Bf16* a = lhs_block(gp, m, o, r0, abuf, lda);
           at::native::cpublas::brgemm(kb, in, op, lda, in, in, false, a, wb.data(), c.data(), true);
-          din_ops::store_row(c.data(), dxp + r0 * in, rows * in);
+          if (!xr) {
+            din_ops::store_row(c.data(), dxp + r0 * in, rows * in);
+          } else {
+            for (int64_t i = 0; i < rows; ++i) din_ops::store_row(c.data() + i * in, dxp + xr[r0 + i] * in, in);
+          }
         }
         if (need_db) {
           float* __restrict__ dbt = dbp + t * o;
@@ -322,7 +384,17 @@ inline std::vector<at::Tensor> backward_bf16(const at::Tensor& grad_in, const at
         }
         if (need_dw) {
           vnni_rows(gp + r0 * o, rows, o, gv.data());
-          vnni_rows(xp + r0 * in, rows, in, xv.data());
+          if constexpr (std::is_same_v<In, Bf16>) {
+            if (!xr) {
+              vnni_rows(xp + r0 * in, rows, in, xv.data());
+            } else {
+              int64_t ld = 0;
+              vnni_rows(x_block<In>(xp, m, in, in, r0, xr, xbuf, ld), rows, in, xv.data());
+            }
+          } else {
+            int64_t ld = 0;
+            vnni_rows(x_block<In>(xp, m, in, in, r0, xr, xbuf, ld), rows, in, xv.data());
+          }
           din_gemm::transpose_u32(gv.data(), o, reinterpret_cast<uint32_t*>(gt.data()), kb / 2, kb / 2, o);
           at::native::cpublas::brgemm(o, in, kb, kb, in, in, true, gt.data(),
                                       reinterpret_cast<const Bf16*>(xv.data()), dwp + t * o * in, true);
@@ -338,17 +410,20 @@ inline std::vector<at::Tensor> backward_bf16(const at::Tensor& grad_in, const at
 }  // namespace din_linear
 
 // x [M, I], weight [O, I], bias [O] or none -> y [M, O].
-// bf16 x: forward_bf16 (add -- [M, O], or [S, O] by add_index [M] -- or none, added before the output's
-// rounding); float32 x: no add.
+// compute_bf16 (x bf16 or float32): forward_bf16 (x[rows] for rows [M]; add -- [M, O], or [S, O] by add_index
+// [M] -- or none, added before the output's rounding); otherwise float32 x, no add, no rows.
 inline at::Tensor linear_forward(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias,
-                                 std::optional<at::Tensor> add, std::optional<at::Tensor> add_index) {
+                                 std::optional<at::Tensor> add, std::optional<at::Tensor> add_index,
+                                 std::optional<at::Tensor> rows, bool compute_bf16) {
   using namespace din_linear;
-  if (x.scalar_type() == at::kBFloat16) {
-    TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
-                "native linear: bf16 x [M, I] and weight [O, I] expected");
-    return forward_bf16(x, weight, bias, add, add_index);
+  if (compute_bf16) {
+    TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) &&
+                    (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
+                "native linear: bf16 or float32 x [M, I] and weight [O, I] expected");
+    if (x.scalar_type() == at::kFloat) return forward_bf16<float>(x, weight, bias, add, add_index, rows);
+    return forward_bf16<Bf16>(x, weight, bias, add, add_index, rows);
   }
-  TORCH_CHECK(!add && !add_index, "native linear: add is for bf16 x only");
+  TORCH_CHECK(!add && !add_index && !rows, "native linear: add and rows are for bf16 compute only");
   check_2d_f32(x, "x");
   check_2d_f32(weight, "weight");
   TORCH_CHECK(x.size(1) == weight.size(1), "native linear: x has ", x.size(1), " columns, weight expects ",
@@ -379,20 +454,23 @@ inline at::Tensor linear_forward(at::Tensor x, at::Tensor weight, std::optional<
 }
 
 // grad_y [M, O], x [M, I], weight [O, I] -> {dx [M, I] (undefined unless need_dx), dW [O, I] (unless need_dw),
-// db [O] (unless need_db), d(add) [add_rows, O] (bf16 only; unless add_index)}: float32, or for bf16 grad_y and
-// x (forward_bf16's backward) dx in bf16, dW, db and d(add) in float32.
+// db [O] (unless need_db), d(add) [add_rows, O] (bf16 only; unless add_index)}: float32; or for bf16 grad_y
+// (forward_bf16's backward, x bf16 or float32, read at rows if given) dx in x's type and shape, dW, db and d(add)
+// in float32.
 inline std::vector<at::Tensor> linear_backward(at::Tensor grad_y, at::Tensor x, at::Tensor weight, bool need_dx,
                                                bool need_dw, bool need_db, std::optional<at::Tensor> add_index,
-                                               int64_t add_rows) {
+                                               int64_t add_rows, std::optional<at::Tensor> rows) {
   using namespace din_linear;
   constexpr int64_t kb = din_gemm::kGemmRowBlock;
-  if (x.scalar_type() == at::kBFloat16) {
-    TORCH_CHECK(grad_y.scalar_type() == at::kBFloat16 && grad_y.dim() == 2 && x.dim() == 2 && weight.dim() == 2 &&
-                    x.size(1) == weight.size(1),
-                "native linear: bf16 grad_y [M, O], x [M, I] and weight [O, I] expected");
-    return backward_bf16(grad_y, x, weight, need_dx, need_dw, need_db, add_index, add_rows);
+  if (grad_y.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(grad_y.dim() == 2 && x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) &&
+                    (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
+                "native linear: bf16 grad_y [M, O], bf16 or float32 x [M, I] and weight [O, I] expected");
+    if (x.scalar_type() == at::kFloat)
+      return backward_bf16<float>(grad_y, x, weight, need_dx, need_dw, need_db, add_index, add_rows, rows);
+    return backward_bf16<Bf16>(grad_y, x, weight, need_dx, need_dw, need_db, add_index, add_rows, rows);
   }
-  TORCH_CHECK(!add_index, "native linear: add_index is for bf16 x only");
+  TORCH_CHECK(!add_index && !rows, "native linear: add_index and rows are for bf16 compute only");
   check_2d_f32(grad_y, "grad_y");
   check_2d_f32(x, "x");
   check_2d_f32(weight, "weight");

@@ -44,7 +44,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("weighted_segment_sum_backward", &weighted_segment_sum_backward, "grad_b, grad_w",
         kNoGil);
   m.def("linear_forward", &linear_forward,
-        "x W^T + b through oneDNN BRGEMM in float32 or bf16 (row blocks among threads)",
+        "x[rows] W^T + b (+ add[add_index]) through oneDNN BRGEMM in float32 or bf16 (row blocks among threads)",
         kNoGil);
   m.def("linear_backward", &linear_backward, "its backward: dx, dW, db, d(add) (indexed add only)",
         kNoGil);

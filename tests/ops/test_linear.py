@@ -132,36 +132,53 @@ def _bf16(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(add=st.sampled_from([None, torch.float32, torch.bfloat16]), indexed=st.booleans(), **_CASES)
+@given(
+    add=st.sampled_from([None, torch.float32, torch.bfloat16]),
+    indexed=st.booleans(),
+    rows=st.sampled_from(["all", "permutation", "subset"]),
+    x_bf16=st.booleans(),
+    **_CASES,
+)
 def test_bf16_native_linear_equals_float64_reference_on_its_operands(
-    m, i, o, bias, add, indexed, threads, seed
+    m, i, o, bias, add, indexed, rows, x_bf16, threads, seed
 ) -> None:
     # What autocast's F.linear computes: bf16 operands (x, W; the gradient arriving in bf16), exact products
     # summed in float32, the output and dx rounded to bf16 once -- here with the bias (float32) and the added
     # rows inside that one rounding -- dW and db summed in float32 and returned in float32. Indexed: the
     # added rows are add[index] of a [S, O] add (unsorted, repeated and unused rows), its gradient the
-    # index_add of the output gradient.
+    # index_add of the output gradient. With rows, the product reads x[rows] (a permutation, or a subset of a
+    # larger x: the other rows' gradient is zero); x float32 (rounded inside the kernel; dx comes back in float32,
+    # unrounded) or bf16.
     x, w, b, g = _case(m, i, o, bias, seed)
+    gen = torch.Generator().manual_seed(seed + 2)
+    row_index = None
+    if rows != "all":
+        x_rows = m if rows == "permutation" else m + 7
+        x = torch.randn(x_rows, i, generator=gen).requires_grad_()
+        row_index = torch.randperm(x_rows, generator=gen)[:m]
+    if x_bf16:
+        x = x.detach().bfloat16().requires_grad_()
     extra = index = None
     if add is not None:
         gen = torch.Generator().manual_seed(seed + 1)
-        rows = int(torch.randint(1, 6, (1,), generator=gen)) if indexed else m
-        extra = torch.randn(rows, o, generator=gen).to(add).requires_grad_()
-        index = torch.randint(0, rows, (m,), generator=gen) if indexed else None
+        add_rows = int(torch.randint(1, 6, (1,), generator=gen)) if indexed else m
+        extra = torch.randn(add_rows, o, generator=gen).to(add).requires_grad_()
+        index = torch.randint(0, add_rows, (m,), generator=gen) if indexed else None
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert linear_module.native_linear_dtype(x, w) == torch.bfloat16
-            y = linear(x, w, b, add=extra, add_index=index)
+            y = linear(x, w, b, add=extra, add_index=index, rows=row_index)
         inputs = [t for t in (x, w, b, extra) if t is not None]
         got = [y.detach(), *torch.autograd.grad(y, inputs, g.bfloat16())]
     finally:
         torch.set_num_threads(before)
-    assert y.dtype == torch.bfloat16 and got[1].dtype == torch.float32  # dx of the float32 x: cast back
+    assert y.dtype == torch.bfloat16 and got[1].dtype == x.dtype and got[1].shape == x.shape
     ref_in = [_bf16(x), _bf16(w), None if b is None else b.detach().double().requires_grad_()]
     ref_extra = None if extra is None else extra.detach().double().requires_grad_()
-    want_y = F.linear(*ref_in) + (
+    ref_x = ref_in[0] if row_index is None else ref_in[0].index_select(0, row_index)
+    want_y = F.linear(ref_x, *ref_in[1:]) + (
         0 if ref_extra is None else ref_extra if index is None else ref_extra.index_select(0, index)
     )
     want = [
@@ -251,3 +268,15 @@ def test_indexed_add_checks_its_index() -> None:
         linear(x.double(), w.double(), None, add=add.double(), add_index=idx),
         F.linear(x.double(), w.double()) + add.double()[idx],
     )
+
+
+def test_rows_must_be_distinct_and_in_range() -> None:
+    x, w, _, _ = _case(6, 8, 5, False, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match=r"rows\[2\] = 1 repeats an earlier row"):
+            linear(x, w, rows=torch.tensor([0, 1, 1]))
+        with pytest.raises(RuntimeError, match=r"rows\[1\] = 6 is outside \[0, 6\)"):
+            linear(x, w, rows=torch.tensor([0, 6]))
+    # Outside the kernel: the gather itself.
+    idx = torch.tensor([5, 0, 3])
+    torch.testing.assert_close(linear(x.double(), w.double(), rows=idx), F.linear(x.double()[idx], w.double()))
