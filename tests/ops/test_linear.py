@@ -279,4 +279,6 @@ def test_rows_must_be_distinct_and_in_range() -> None:
             linear(x, w, rows=torch.tensor([0, 6]))
     # Outside the kernel: the gather itself.
     idx = torch.tensor([5, 0, 3])
-    torch.testing.assert_close(linear(x.double(), w.double(), rows=idx), F.linear(x.double()[idx], w.double()))
+    torch.testing.assert_close(
+        linear(x.double(), w.double(), rows=idx), F.linear(x.double()[idx], w.double())
+    )
