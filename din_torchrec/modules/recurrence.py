@@ -76,6 +76,12 @@ def _reset_and_keep(
     return r, (1 - u) if mode == "ugru" else torch.addcmul(torch.ones_like(u), u, a, value=-1)  # type: ignore[arg-type]
 
 
+def _product_operand(t: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """``t`` as a per-step product's operand: rounded to bf16 (and widened back: the products of bf16 values
+    are exact in float32, so a float32 matmul on them is the bf16 product with float32 sums) or as it is."""
+    return t.bfloat16().float() if bf16 else t
+
+
 class PackedRecurrence(torch.autograd.Function):
     """``states = PackedRecurrence.apply(x, att, weight_hh, bias_hh, steps, mode[, input_bias])``.
 
@@ -87,6 +93,9 @@ class PackedRecurrence(torch.autograd.Function):
         steps: active samples per step (``PackedLayout.steps``), non-increasing, summing to N.
         mode: one of :data:`MODES`.
         input_bias: ``[G H]`` added to ``x`` (optional; its gradient is the column sum of ``x``'s).
+        bf16_products: the per-step products (``U h``, the gradient through ``U h``, ``U``'s gradient) on
+            operands rounded to bf16, sums in float32 -- the native kernel's arithmetic under bf16 autocast, of
+            which this is the reference (default False: float32 operands).
 
     Returns:
         ``[N, H]`` packed states, row ``i`` the state after the step of row ``i`` (zero initial state).
@@ -102,14 +111,16 @@ class PackedRecurrence(torch.autograd.Function):
         steps: list[int],
         mode: str,
         input_bias: torch.Tensor | None = None,
+        bf16_products: bool = False,
     ) -> torch.Tensor:
         ctx.has_input_bias = input_bias is not None
+        ctx.bf16_products = bf16_products
         if input_bias is not None:
             x = x + input_bias
         n_rows, hidden = x.shape[0], weight_hh.shape[1]
         ns = _num_sigmoid_gates(mode)
         g = (ns + 1) * hidden
-        wt = weight_hh.t()
+        wt = _product_operand(weight_hh, bf16_products).t()
         out = x.new_empty(n_rows, hidden)
         sig = x.new_empty(n_rows, ns * hidden)  # sigmoid gates
         cand = x.new_empty(n_rows, hidden)  # n
@@ -120,10 +131,11 @@ class PackedRecurrence(torch.autograd.Function):
             rows = slice(start, start + b)
             hp = h[:b]
             hh = hh_all[rows]
+            hp_op = _product_operand(hp, bf16_products)
             if bias_hh is not None:
-                torch.addmm(bias_hh, hp, wt, out=hh)
+                torch.addmm(bias_hh, hp_op, wt, out=hh)
             else:
-                torch.mm(hp, wt, out=hh)
+                torch.mm(hp_op, wt, out=hh)
             xs = x[rows]
             s = torch.add(xs[:, : ns * hidden], hh[:, : ns * hidden], out=sig[rows]).sigmoid_()
             a = att[rows].unsqueeze(1) if att is not None else None
@@ -142,6 +154,8 @@ class PackedRecurrence(torch.autograd.Function):
         att, weight_hh, out, sig, cand, hh_n = ctx.saved_tensors
         steps: list[int] = ctx.steps
         mode: str = ctx.mode
+        bf16_products: bool = ctx.bf16_products
+        w_op = _product_operand(weight_hh, bf16_products)
         n_rows, hidden = out.shape
         ns = _num_sigmoid_gates(mode)
         g = (ns + 1) * hidden
@@ -183,7 +197,7 @@ class PackedRecurrence(torch.autograd.Function):
             if t > 0:
                 prev = dh_all[starts[t - 1] : starts[t - 1] + b]
                 prev.addcmul_(dh, k)  # through h' = k h + ...
-                prev.addmm_(torch.cat([dgs, dhn], dim=1), weight_hh)  # through U h
+                prev.addmm_(_product_operand(torch.cat([dgs, dhn], dim=1), bf16_products), w_op)  # through U h
         # The state each row's step started from: row i of step t >= 1 continues row i - steps[t - 1].
         lengths = torch.tensor(steps[1:], dtype=torch.long, device=out.device)
         shift = torch.repeat_interleave(
@@ -192,15 +206,19 @@ class PackedRecurrence(torch.autograd.Function):
         first = steps[0] if steps else 0
         h_prev_rows = torch.arange(first, n_rows, device=out.device) - shift
         dhh = torch.cat([dx[:, : ns * hidden], dhh_n], dim=1)  # d loss / d(U h) of every row
-        dweight = dhh[first:].t() @ out.index_select(0, h_prev_rows)  # step-0 rows start from zeros: no term
+        # step-0 rows start from zeros: no term
+        dweight = _product_operand(dhh[first:], bf16_products).t() @ _product_operand(
+            out.index_select(0, h_prev_rows), bf16_products
+        )
         dbias = dhh.sum(0) if ctx.has_bias else None
-        return dx, datt, dweight, dbias, None, None, (dx.sum(0) if ctx.has_input_bias else None)
+        return dx, datt, dweight, dbias, None, None, (dx.sum(0) if ctx.has_input_bias else None), None
 
 
 class NativePackedRecurrence(torch.autograd.Function):
     """:class:`PackedRecurrence` through the C++ kernel (same arguments and result; CPU tensors, float32 but
     for ``x``, which may also be bfloat16: the kernel widens it as it reads it and returns its gradient in
-    bfloat16, so mixed precision needs no float32 copy of ``x`` nor of its gradient)."""
+    bfloat16, so mixed precision needs no float32 copy of ``x`` nor of its gradient; ``bf16_products`` as
+    there, through the micro-kernel's bf16 path)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -212,6 +230,7 @@ class NativePackedRecurrence(torch.autograd.Function):
         steps: list[int],
         mode: str,
         input_bias: torch.Tensor | None = None,
+        bf16_products: bool = False,
     ) -> torch.Tensor:
         mod = native.kernels()
         assert mod is not None
@@ -226,8 +245,10 @@ class NativePackedRecurrence(torch.autograd.Function):
             None if input_bias is None else input_bias.contiguous(),
             list(steps),
             code,
+            bf16_products,
         )
         ctx.steps, ctx.code, ctx.has_bias = list(steps), code, bias_hh is not None
+        ctx.bf16_products = bf16_products
         ctx.has_input_bias, ctx.bf16_x = input_bias is not None, x.dtype == torch.bfloat16
         ctx.save_for_backward(att_c, w, out, sig, cand, hh_n)
         return out
@@ -250,6 +271,7 @@ class NativePackedRecurrence(torch.autograd.Function):
             ctx.has_bias,
             ctx.has_input_bias,
             ctx.bf16_x,
+            ctx.bf16_products,
         )
         return (
             dx,
@@ -259,6 +281,7 @@ class NativePackedRecurrence(torch.autograd.Function):
             None,
             None,
             (dinput_bias if ctx.has_input_bias else None),
+            None,
         )
 
 
@@ -280,7 +303,9 @@ def packed_recurrence(
 
     ``input_bias [G H]`` is added to ``x`` inside the recurrence (no ``x + b`` pass over all N rows). Under
     mixed precision the recurrence runs in float32 and returns float32 states; the native kernel reads a
-    bfloat16 ``x`` as it is (widening it row by row), everything else is cast to float32 first.
+    bfloat16 ``x`` as it is (widening it row by row), everything else is cast to float32 first. Under bf16
+    autocast on the CPU its per-step products take bf16 operands with float32 sums (``bf16_products``; an even
+    hidden size), as autocast's own GRU does.
     """
     if mode not in MODES:
         raise ValueError(f"packed_recurrence: mode must be one of {MODES}, got {mode!r}")
@@ -309,6 +334,12 @@ def packed_recurrence(
     if x.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(x.device.type):
         # The recurrence accumulates over up to T steps: it runs in float32 under mixed precision (the
         # buffers are allocated in float32, so autocast must not change the dtype of the ops inside).
+        bf16_products = (
+            x.device.type == "cpu"
+            and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and hidden % 2 == 0
+        )
         if not (x.dtype == torch.bfloat16 and _recurrence_function(x) is NativePackedRecurrence):
             x = x.float()
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -320,5 +351,6 @@ def packed_recurrence(
                 steps,
                 mode,
                 None if input_bias is None else input_bias.float(),
+                bf16_products,
             )
     return _recurrence_function(x).apply(x, att, weight_hh, bias_hh, steps, mode, input_bias)

@@ -19,6 +19,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
+#include <c10/util/BFloat16.h>
+
+#include "kernel_math.h"
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -95,6 +98,56 @@ inline void vnni_words(const uint16_t* src, int64_t rows, int64_t cols, int64_t 
     } else {
       std::memset(w, 0, sizeof(uint32_t) * cols);
     }
+  }
+}
+
+// bf16 products (bf16 operands, float32 sums) for the recurrences under bf16 autocast.
+using Bf16 = c10::BFloat16;
+
+// C[m, n] (+)= A[m, k] B[k, n]: A bf16 row-major (leading dimension lda, k even), B bf16 in the micro-kernel's
+// VNNI layout ([k / 2, n, 2]: pairs of rows interleaved), C float32 (leading dimension ldc); row pieces as
+// gemm_rows.
+inline void gemm_rows_bf16(int64_t m, int64_t n, int64_t k, const Bf16* a, int64_t lda, const Bf16* b, float* c,
+                           int64_t ldc, bool accumulate) {
+  if (m <= 0 || n <= 0) return;
+  for_each_piece(m, [&](int64_t r, int64_t rows) {
+    at::native::cpublas::brgemm(rows, n, k, lda, n, ldc, accumulate, a + r * lda, b, c + r * ldc, true);
+  });
+}
+
+// get(k, j) for k < K (even), j < N as a bf16 VNNI right-hand side.
+template <typename Get>
+inline std::vector<Bf16> pack_vnni_bf16(int64_t k, int64_t n, Get get) {
+  std::vector<Bf16> out(k * n);
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j < n; ++j) out[((i >> 1) * n + j) * 2 + (i & 1)] = static_cast<Bf16>(get(i, j));
+  return out;
+}
+
+// Scratch of add_at_b_bf16 for widths o and n.
+struct AtBScratch {
+  std::vector<Bf16> rows_a, rows_b, at;
+  std::vector<uint32_t> words, bv;
+  AtBScratch(int64_t o, int64_t n)
+      : rows_a(kGemmRowBlock * o), rows_b(kGemmRowBlock * n), at(o * kGemmRowBlock),
+        words(kGemmRowBlock / 2 * o), bv(kGemmRowBlock / 2 * n) {}
+};
+
+// out [o, n] += A^T B as add_at_b, both operands rounded to bf16 (float32 sums): per block of kGemmRowBlock rows
+// A's rows as VNNI words transposed (the bf16 A^T, [o, kb]), B's as VNNI words; rows past m are zero pairs,
+// so every call has the one shape [o, kb] x [kb, n].
+inline void add_at_b_bf16(int64_t m, int64_t o, int64_t n, const float* a, const float* b, float* out,
+                          AtBScratch& s) {
+  constexpr int64_t kb = kGemmRowBlock;
+  for (int64_t r0 = 0; r0 < m; r0 += kb) {
+    const int64_t rows = std::min(kb, m - r0);
+    din_ops::store_row(a + r0 * o, s.rows_a.data(), rows * o);
+    vnni_words(reinterpret_cast<const uint16_t*>(s.rows_a.data()), rows, o, kb / 2, s.words.data());
+    transpose_u32(s.words.data(), o, reinterpret_cast<uint32_t*>(s.at.data()), kb / 2, kb / 2, o);
+    din_ops::store_row(b + r0 * n, s.rows_b.data(), rows * n);
+    vnni_words(reinterpret_cast<const uint16_t*>(s.rows_b.data()), rows, n, kb / 2, s.bv.data());
+    at::native::cpublas::brgemm(o, n, kb, kb, n, n, true, s.at.data(), reinterpret_cast<const Bf16*>(s.bv.data()),
+                                out, true);
   }
 }
 

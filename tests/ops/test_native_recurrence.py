@@ -42,9 +42,10 @@ def _float32_case(lengths: list[int], mode: str, hidden: int, seed: int):
     return steps, x, att, w, b, torch.randn(sum(lengths), hidden)
 
 
-def _apply_on_present(fn, steps, mode, att, b, fold_bias=False):
+def _apply_on_present(fn, steps, mode, att, b, fold_bias=False, bf16_products=False):
     """``fn.apply`` taking only the inputs that are present, ``(x, [att], w, [b], input_bias)``, in that order
-    (what ``torch.autograd.grad`` differentiates); ``fold_bias``: ``x + input_bias`` instead of passing it."""
+    (what ``torch.autograd.grad`` differentiates); ``fold_bias``: ``x + input_bias`` instead of passing it;
+    ``bf16_products`` passed on."""
 
     def call(*args):
         it = iter(args)
@@ -54,8 +55,8 @@ def _apply_on_present(fn, steps, mode, att, b, fold_bias=False):
         bb = next(it) if b is not None else None
         bias = next(it)
         if fold_bias:
-            return fn.apply(x + bias, a, w, bb, steps, mode)
-        return fn.apply(x, a, w, bb, steps, mode, bias)
+            return fn.apply(x + bias, a, w, bb, steps, mode, None, bf16_products)
+        return fn.apply(x, a, w, bb, steps, mode, bias, bf16_products)
 
     return call
 
@@ -172,7 +173,10 @@ def test_bfloat16_input_is_widened_in_the_kernel_and_its_gradient_returned_in_bf
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = packed_recurrence(x16, att, w, b, steps, mode, bias)
     assert out.grad_fn.name().startswith("NativePackedRecurrence")
-    torch.testing.assert_close(out, out32, rtol=1e-5, atol=1e-6)
+    # Under autocast the per-step products also take bf16 operands (test below): close to the float32 products.
+    torch.testing.assert_close(out, out32, rtol=0.0, atol=0.05)
+    want = _apply_on_present(NativePackedRecurrence, steps, mode, att, b, bf16_products=True)(x16, *rest)
+    torch.testing.assert_close(out, want, rtol=0.0, atol=0.0)
 
 
 @pytest.mark.parametrize("mode", ["gru", "augru"])
@@ -205,3 +209,48 @@ def test_steps_split_over_threads_give_the_single_thread_result(mode: str) -> No
         torch.testing.assert_close(out, out1, rtol=1e-6, atol=1e-6)
         for got, want in zip(grads, grads1):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * (1 + float(want.abs().max())))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 30), min_size=1, max_size=40),
+    mode=st.sampled_from(MODES),
+    hidden=st.sampled_from([2, 8, 16, 32]),
+    x_bf16=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_bf16_products_equal_the_reference_on_rounded_operands(lengths, mode, hidden, x_bf16, seed) -> None:
+    """bf16 products (the kernel under bf16 autocast): U h, the gradient through U h and U's gradient on
+    operands rounded to bf16 with float32 sums, against PackedRecurrence doing exactly that in PyTorch (round,
+    then a float32 matmul: products of bf16 values are exact in float32). Equal up to float32 summation order,
+    which may flip a state's bf16 rounding: tolerances a few bf16 steps of the products' contribution. And
+    close to the float32-product recurrence (a bf16 rounding of every product's operands)."""
+    steps, x, att, w, b, g = _float32_case(lengths, mode, hidden, seed)
+    if x_bf16:
+        x = x.detach().bfloat16().requires_grad_()
+    bias = torch.randn(x.shape[1], requires_grad=True)
+    inputs = tuple(t for t in (x, att, w, b, bias) if t is not None)
+    got_out, got = _grads(
+        _apply_on_present(NativePackedRecurrence, steps, mode, att, b, bf16_products=True), inputs, g
+    )
+    ref_inputs = tuple(t.detach().float().requires_grad_() if t is x else t for t in inputs)
+    want_out, want = _grads(
+        _apply_on_present(PackedRecurrence, steps, mode, att, b, bf16_products=True), ref_inputs, g
+    )
+    torch.testing.assert_close(got_out, want_out, rtol=1e-3, atol=1e-3)
+    for a, e in zip(got, want):
+        scale = 1 + float(e.abs().max())
+        torch.testing.assert_close(a.float(), e, rtol=1e-2, atol=1e-3 * scale)
+    f32_out, _ = _grads(_apply_on_present(NativePackedRecurrence, steps, mode, att, b), inputs, g)
+    torch.testing.assert_close(got_out, f32_out, rtol=0.0, atol=0.05)
+
+
+def test_bf16_products_need_an_even_hidden_size() -> None:
+    steps, x, att, w, b, _ = _float32_case([3, 2], "gru", 3, 0)
+    with pytest.raises(RuntimeError, match="bf16 products need an even hidden size"):
+        NativePackedRecurrence.apply(x, att, w, b, steps, "gru", None, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # odd hidden size: float32 products under autocast
+        out = packed_recurrence(x, att, w, b, steps, "gru")
+    torch.testing.assert_close(
+        out, NativePackedRecurrence.apply(x, att, w, b, steps, "gru"), rtol=1e-5, atol=1e-6
+    )
