@@ -197,7 +197,8 @@ class PackedRecurrence(torch.autograd.Function):
             if t > 0:
                 prev = dh_all[starts[t - 1] : starts[t - 1] + b]
                 prev.addcmul_(dh, k)  # through h' = k h + ...
-                prev.addmm_(_product_operand(torch.cat([dgs, dhn], dim=1), bf16_products), w_op)  # through U h
+                dhh_t = _product_operand(torch.cat([dgs, dhn], dim=1), bf16_products)
+                prev.addmm_(dhh_t, w_op)  # through U h
         # The state each row's step started from: row i of step t >= 1 continues row i - steps[t - 1].
         lengths = torch.tensor(steps[1:], dtype=torch.long, device=out.device)
         shift = torch.repeat_interleave(
