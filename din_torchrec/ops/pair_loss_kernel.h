@@ -14,6 +14,9 @@
 // activations, and the gradients fed into products, are rounded to the compute type (bf16 under autocast) as a
 // bf16 matmul's operands are.
 //
+// Only target rows (mask != 0) are scored, in blocks of kBlock of them (their states, behaviours and negatives
+// read by row); the other rows' gradients are zero.
+//
 // Determinism: blocks go to threads in contiguous runs; each thread sums its blocks' loss and weight / bias
 // gradients in its own float32 buffers, added in thread order at the end: the same result for a given thread
 // count. Rows of g_states / g_x belong to one block each.
@@ -170,19 +173,35 @@ std::vector<at::Tensor> fused_impl(const at::Tensor& states, const at::Tensor& b
   const In* bp = behaviours.data_ptr<In>();
   const In* np = negatives.data_ptr<In>();
   const float* mp = mask.data_ptr<float>();
-  // Gradients in float32, the states' already aligned with them (target row j's goes to state j - 1; the last
-  // state is no pair's and gets zero).
+  // Only the pairs' target rows (mask != 0) are scored: rows that are no pair's target (each sample's first
+  // behaviour: one in ~25 of DIEN's rows) add nothing to the loss, so they are left out of the blocks rather
+  // than computed and masked.
+  std::vector<int64_t> tgt;
+  tgt.reserve(n);
+  for (int64_t r = 0; r < n; ++r)
+    if (mp[r] != 0.0f) tgt.push_back(r);
+  const int64_t nt = static_cast<int64_t>(tgt.size());
+  // Gradients in float32, the states' already aligned with them (target row j's goes to state j - 1). Rows no
+  // target writes -- non-target rows of g_x, the states before them and the last state -- are zero.
   at::Tensor g_states, g_x;
   const at::TensorOptions f32 = mask.options();
   if (grads) {
     g_states = at::empty({n, h}, f32);
-    if (n > 0) g_states[n - 1].zero_();
     g_x = at::empty({2, n, d}, f32);
+    float* gs = g_states.data_ptr<float>();
+    float* gx = g_x.data_ptr<float>();
+    if (n > 0) std::fill(gs + (n - 1) * h, gs + n * h, 0.0f);
+    for (int64_t r = 0; r < n; ++r) {
+      if (mp[r] != 0.0f) continue;
+      std::fill(gx + r * d, gx + (r + 1) * d, 0.0f);
+      std::fill(gx + (n + r) * d, gx + (n + r + 1) * d, 0.0f);
+      if (r > 0) std::fill(gs + (r - 1) * h, gs + r * h, 0.0f);
+    }
   }
   float* gsp = grads ? g_states.data_ptr<float>() : nullptr;
   float* gxp = grads ? g_x.data_ptr<float>() : nullptr;
 
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  const int64_t blocks = (nt + kBlock - 1) / kBlock;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
   std::vector<Work<T>> works(threads);
   constexpr int64_t r2 = 2 * kBlock;  // scored rows of a full block; leading dimension of transposed buffers
@@ -221,18 +240,21 @@ std::vector<at::Tensor> fused_impl(const at::Tensor& states, const at::Tensor& b
         w.gw0e.assign(l0 * d, 0.0f);
       }
       for (int64_t blk = blocks * t / threads; blk < blocks * (t + 1) / threads; ++blk) {
-        const int64_t r0 = blk * kBlock, m = std::min(kBlock, n - r0);
+        const int64_t t0b = blk * kBlock, m = std::min(kBlock, nt - t0b);
+        const int64_t* rows_of = tgt.data() + t0b;  // the block's target rows
         // Every block has kBlock rows, a short last one padded with zero rows (mask 0: they add nothing to any
         // gradient): one set of micro-kernel shapes (each JIT kernel keeps a code buffer of a few hundred KB;
         // a kernel per last-block size had grown DIEN training by ~600 MB).
         const int64_t half = kBlock;
         const int64_t rows = 2 * half;  // scored rows: positives [0, half), negatives [half, 2 half)
-        // Target row r0 + i pairs with state r0 + i - 1; the very first row has none (zeros, masked out).
-        const int64_t first = r0 == 0 ? 1 : 0;
-        if (first) std::fill(w.hs.data(), w.hs.data() + h, T(0));
-        convert_rows(sp + (r0 + first - 1) * h, (m - first) * h, w.hs.data() + first * h);
-        convert_rows(bp + r0 * d, m * d, w.x.data());
-        convert_rows(np + r0 * d, m * d, w.x.data() + half * d);
+        // Target row r pairs with state r - 1 (row 0, were it a target, with a zero state).
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t r = rows_of[i];
+          if (r > 0) convert_rows(sp + (r - 1) * h, h, w.hs.data() + i * h);
+          else std::fill(w.hs.data() + i * h, w.hs.data() + (i + 1) * h, T(0));
+          convert_rows(bp + r * d, d, w.x.data() + i * d);
+          convert_rows(np + r * d, d, w.x.data() + (half + i) * d);
+        }
         if (m < half) {
           std::fill(w.hs.data() + m * h, w.hs.data() + half * h, T(0));
           std::fill(w.x.data() + m * d, w.x.data() + half * d, T(0));
@@ -268,7 +290,7 @@ std::vector<at::Tensor> fused_impl(const at::Tensor& states, const at::Tensor& b
           w.logit[r] = acc;
         }
         for (int64_t i = 0; i < m; ++i) {
-          const float mk = mp[r0 + i];
+          const float mk = mp[rows_of[i]];
           w.loss += mk * (softplus(-w.logit[i]) + softplus(w.logit[half + i]));
         }
         if (!grads) continue;
@@ -276,7 +298,7 @@ std::vector<at::Tensor> fused_impl(const at::Tensor& states, const at::Tensor& b
         // Backward. d loss / d logit for a gradient of 1 of the mean: (p - 1) / pairs on positives, p / pairs on
         // negatives, 0 on unpaired rows.
         for (int64_t i = 0; i < half; ++i) {
-          const float mk = i < m ? mp[r0 + i] * static_cast<float>(scale) : 0.0f;
+          const float mk = i < m ? mp[rows_of[i]] * static_cast<float>(scale) : 0.0f;
           w.dl[i] = (sigmoid(w.logit[i]) - 1.0f) * mk;
           w.dl[half + i] = sigmoid(w.logit[half + i]) * mk;
         }
@@ -339,11 +361,13 @@ std::vector<at::Tensor> fused_impl(const at::Tensor& states, const at::Tensor& b
         transpose_rows<T>(w.da.data(), w.ds.data(), w.ds_t.data(), half, l0, kBlock, w.words.data());
         mm<T>(l0, h, half, w.ds_t.data(), kBlock, as_b<T>(w.hs.data(), w.hs_b, half, h), w.gw0h.data(), h, true);
         mm<T>(half, h, l0, w.ds.data(), l0, bb_h.data(), w.out.data(), h, false);
-        for (int64_t i = first; i < m; ++i)
-          std::memcpy(gsp + (r0 + i - 1) * h, w.out.data() + i * h, sizeof(float) * h);
+        for (int64_t i = 0; i < m; ++i)
+          if (rows_of[i] > 0) std::memcpy(gsp + (rows_of[i] - 1) * h, w.out.data() + i * h, sizeof(float) * h);
         mm<T>(rows, d, l0, w.dz.data(), l0, bb_e.data(), w.out.data(), d, false);
-        std::memcpy(gxp + r0 * d, w.out.data(), sizeof(float) * m * d);
-        std::memcpy(gxp + (n + r0) * d, w.out.data() + half * d, sizeof(float) * m * d);
+        for (int64_t i = 0; i < m; ++i) {
+          std::memcpy(gxp + rows_of[i] * d, w.out.data() + i * d, sizeof(float) * d);
+          std::memcpy(gxp + (n + rows_of[i]) * d, w.out.data() + (half + i) * d, sizeof(float) * d);
+        }
       }
     }
   });
