@@ -32,9 +32,11 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from din_torchrec.config import FeaturesConfig
 from din_torchrec.data.validation import DataError, open_table_npz
+from din_torchrec.ops import native
 
 __all__ = ["NegativeSampler", "load_item_features", "negative_column"]
 
@@ -150,6 +152,9 @@ class NegativeSampler:
         self.mode = mode
         self.seed = int(seed)
         self.max_rounds = int(max_rounds)
+        #: Whether to check candidates against histories with the native kernel when it is built (tests turn it
+        #: off to compare with the NumPy check: both exact, so the negatives are the same).
+        self.use_native = True
         item = features.sequence[0]
         v = item.num_embeddings
         self.num_items = v
@@ -244,22 +249,44 @@ class NegativeSampler:
         b = lengths.shape[0]
         rows = np.repeat(np.arange(b, dtype=np.int64), lengths)
         base = rows * v
-        hist_keys = np.sort(base + items)
+        keys: list[np.ndarray] = []
+
+        def hist_keys() -> np.ndarray:
+            """Sorted ``row * V + item`` of every history position (computed once, when first needed)."""
+            if not keys:
+                keys.append(np.sort(base + items))
+            return keys[0]
+
+        def in_history(todo: np.ndarray) -> np.ndarray:
+            """Whether ``neg[todo]`` is in its own sample's history."""
+            if mod is not None and self.use_native:
+                return mod.in_own_history(
+                    offsets,
+                    torch.from_numpy(items),
+                    torch.from_numpy(rows[todo]),
+                    torch.from_numpy(neg[todo]),
+                ).numpy()
+            q = base[todo] + neg[todo]
+            sorted_keys = hist_keys()
+            pos = np.minimum(np.searchsorted(sorted_keys, q), n - 1)
+            return sorted_keys[pos] == q
 
         neg = self._propose(n, rng)
         if n:
+            # The C++ check (ops/history_kernel.h) where the extension is built: a scan of each short history
+            # instead of a sort of all N keys and a searchsorted (~0.7 -> ~0.1 ms per DIEN batch here).
+            mod = native.loaded()
+            offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
             todo = np.arange(n, dtype=np.int64)
             rounds = 0
             while True:
-                q = base[todo] + neg[todo]
-                pos = np.minimum(np.searchsorted(hist_keys, q), n - 1)
-                todo = todo[hist_keys[pos] == q]  # candidates that are in their own sample's history
+                todo = todo[in_history(todo)]  # candidates that are in their own sample's history
                 if todo.size == 0 or rounds == self.max_rounds:
                     break
                 neg[todo] = self._propose(todo.size, rng)
                 rounds += 1
             if todo.size:
-                neg[todo] = self._exact(hist_keys, rows[todo], b, rng)
+                neg[todo] = self._exact(hist_keys(), rows[todo], b, rng)
 
         out = {self.columns[0]: neg}
         for t, col in zip(self.features.sequence[1:], self.columns[1:]):

@@ -1,7 +1,8 @@
-// The project's native CPU kernels as one extension module (one build): see dice_kernel.h, jagged_kernel.h,
-// lau_kernel.h, linear_kernel.h, pair_loss_kernel.h, recurrence_kernel.h, tbe_backward_kernel.h and tbe_forward_kernel.h;
+// The project's native CPU kernels as one extension module (one build): see dice_kernel.h, history_kernel.h,
+// jagged_kernel.h, lau_kernel.h, linear_kernel.h, pair_loss_kernel.h, recurrence_kernel.h, tbe_backward_kernel.h and tbe_forward_kernel.h;
 // loaded by din_torchrec/ops/native.py.
 #include "dice_kernel.h"
+#include "history_kernel.h"
 #include "jagged_kernel.h"
 #include "lau_kernel.h"
 #include "linear_kernel.h"
@@ -54,6 +55,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("recurrence_forward", &recurrence_forward, "packed gated recurrence: out, sig, cand, hh_n",
         kNoGil);
   m.def("recurrence_backward", &recurrence_backward, "packed gated recurrence backward: dx, datt, dweight, dbias, dinput_bias",
+        kNoGil);
+  m.def("in_own_history", &in_own_history, "whether each candidate item is in its own sample's history",
         kNoGil);
   m.def("nobag_rowwise_adagrad_backward", &nobag_rowwise_adagrad_backward,
         "FBGEMM's CPU nobag TBE backward with row-wise Adagrad, in place on the weights and momentum",

@@ -29,6 +29,7 @@ _SOURCES = (
     "native.cpp",
     "kernel_math.h",
     "dice_kernel.h",
+    "history_kernel.h",
     "jagged_kernel.h",
     "lau_kernel.h",
     "linear_kernel.h",
@@ -141,6 +142,16 @@ def _build() -> ModuleType | str:
             e,
         )
         return _FAILED
+
+
+def loaded() -> ModuleType | None:
+    """The extension if it is enabled and already built, else ``None`` -- never starts a build: for code off the
+    models' path (the data reader's negative sampler), which must not trigger a compile of its own; in training
+    the trainer has built it (``ops.tbe.install``) before the first batch is read."""
+    module = _state["module"]
+    if not _state["enabled"] or module is None or module is _FAILED:
+        return None
+    return module  # type: ignore[return-value]
 
 
 def usable(x: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:

@@ -23,6 +23,7 @@ from din_torchrec.data.batch import Batch
 from din_torchrec.data.negatives import NegativeSampler, load_item_features, negative_column
 from din_torchrec.data.reader import BehaviorReader
 from din_torchrec.data.validation import DataError
+from din_torchrec.ops import native
 from tests.data.test_reader import CATES, FEATURES, ITEMS, make_rows, write
 
 
@@ -394,3 +395,35 @@ def test_reader_rejects_a_sampler_of_other_tables(tmp_path: Path) -> None:
     other = NegativeSampler(features(ITEMS, CATES + 1), {"category": np.zeros(ITEMS, dtype=np.int64)})
     with pytest.raises(ValueError, match="sampler's sequence tables"):
         BehaviorReader(path, FEATURES, max_history=5, batch_size=4, negatives=other)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 120), min_size=1, max_size=30),
+    num_items=st.sampled_from([3, 40, 5000]),
+    seed=st.integers(0, 2**16),
+)
+def test_native_history_check_equals_numpy(lengths: list[int], num_items: int, seed: int) -> None:
+    # The C++ membership check (short histories scanned, long ones sorted and searched) against NumPy's sort +
+    # searchsorted; and the sampler gives the same negatives with either.
+    mod = native.kernels()
+    if mod is None:
+        pytest.skip("native kernels unavailable")
+    rng = np.random.default_rng(seed)
+    lens = np.asarray(lengths, dtype=np.int64)
+    items = rng.integers(1, num_items, size=int(lens.sum()))
+    rows = np.repeat(np.arange(lens.size), lens)
+    cand = rng.integers(1, num_items, size=rows.size)
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    got = mod.in_own_history(
+        *(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in (offsets, items, rows, cand))
+    )
+    want = np.array([c in set(items[offsets[r] : offsets[r + 1]]) for r, c in zip(rows, cand)], dtype=bool)
+    np.testing.assert_array_equal(got.numpy(), want)
+    if num_items > 3:  # (3 items: histories may hold every drawable item)
+        sampler = NegativeSampler(features(num_items), {"category": np.arange(num_items) % 5}, mode="uniform")
+        a = sampler.sample(items, lens, sampler.generator(seed))
+        sampler.use_native = False
+        b = sampler.sample(items, lens, sampler.generator(seed))
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
