@@ -274,7 +274,7 @@ class NegativeSampler:
         neg = self._propose(n, rng)
         if n:
             # The C++ check (ops/history_kernel.h) where the extension is built: a scan of each short history
-            # instead of a sort of all N keys and a searchsorted (~0.7 -> ~0.1 ms per DIEN batch here).
+            # instead of a sort of all N keys and a searchsorted (sampling a DIEN batch here: 1.1 -> 0.26 ms).
             mod = native.loaded()
             offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
             todo = np.arange(n, dtype=np.int64)
