@@ -38,16 +38,7 @@ inline int64_t row_blocks(int64_t m) { return (m + din_gemm::kGemmRowBlock - 1) 
 
 using Bf16 = c10::BFloat16;
 
-// get(k, n) for k < K, n < N as a bf16 right-hand side in the micro-kernel's VNNI layout (pairs of rows
-// interleaved), K rounded up to even with a zero row.
-template <typename Get>
-std::vector<Bf16> pack_vnni(int64_t k, int64_t n, Get get) {
-  const int64_t kp = k + (k & 1);
-  std::vector<Bf16> out(kp * n, Bf16(0.0f));
-  for (int64_t i = 0; i < k; ++i)
-    for (int64_t j = 0; j < n; ++j) out[((i >> 1) * n + j) * 2 + (i & 1)] = static_cast<Bf16>(get(i, j));
-  return out;
-}
+using din_gemm::pack_vnni;
 
 // A row block of a row-major bf16 [m, k] matrix as the micro-kernel's left-hand side of kGemmRowBlock rows
 // and an even K: the rows in place when the block is whole and k even; otherwise copied into buf with zero

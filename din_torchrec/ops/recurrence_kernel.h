@@ -208,7 +208,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const std::optional<at
   // bf16 products: U^T as a VNNI right-hand side, and per part a bf16 copy of its previous states.
   const float* wp = weight_hh.data_ptr<float>();
   const std::vector<din_gemm::Bf16> wt_vnni =
-      bf16 ? din_gemm::pack_vnni_bf16(h, g, [&](int64_t k, int64_t j) { return wp[j * h + k]; })
+      bf16 ? din_gemm::pack_vnni(h, g, [&](int64_t k, int64_t j) { return wp[j * h + k]; })
            : std::vector<din_gemm::Bf16>();
   std::vector<std::vector<din_gemm::Bf16>> hbuf(bf16 ? std::max<int64_t>(1, at::get_num_threads()) : 0,
                                                 std::vector<din_gemm::Bf16>(bf16 ? b0 * h : 0));
@@ -289,7 +289,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const std::opt
   // gradients and add_at_b_bf16's scratch.
   const float* wp = weight_hh.data_ptr<float>();
   const std::vector<din_gemm::Bf16> w_vnni =
-      bf16 ? din_gemm::pack_vnni_bf16(g, h, [&](int64_t k, int64_t j) { return wp[k * h + j]; })
+      bf16 ? din_gemm::pack_vnni(g, h, [&](int64_t k, int64_t j) { return wp[k * h + j]; })
            : std::vector<din_gemm::Bf16>();
   std::vector<std::vector<din_gemm::Bf16>> dhh_b(bf16 ? slots : 0, std::vector<din_gemm::Bf16>(bf16 ? b0 * g : 0));
   std::vector<din_gemm::AtBScratch> atb;

@@ -115,10 +115,12 @@ inline void gemm_rows_bf16(int64_t m, int64_t n, int64_t k, const Bf16* a, int64
   });
 }
 
-// get(k, j) for k < K (even), j < N as a bf16 VNNI right-hand side.
+// get(k, n) for k < K, n < N as a bf16 right-hand side in the micro-kernel's VNNI layout (pairs of rows
+// interleaved), K rounded up to even with a zero row.
 template <typename Get>
-inline std::vector<Bf16> pack_vnni_bf16(int64_t k, int64_t n, Get get) {
-  std::vector<Bf16> out(k * n);
+inline std::vector<Bf16> pack_vnni(int64_t k, int64_t n, Get get) {
+  const int64_t kp = k + (k & 1);
+  std::vector<Bf16> out(kp * n, Bf16(0.0f));
   for (int64_t i = 0; i < k; ++i)
     for (int64_t j = 0; j < n; ++j) out[((i >> 1) * n + j) * 2 + (i & 1)] = static_cast<Bf16>(get(i, j));
   return out;
