@@ -162,12 +162,10 @@ inline at::Tensor checked_index(const std::optional<at::Tensor>& index, int64_t 
   return idx;
 }
 
-// Row r of add: add itself row-aligned with y, or add[index[r]] (index defined).
-inline const float* add_row_f32(const at::Tensor& add, const int64_t* index, int64_t r, int64_t o) {
-  return add.data_ptr<float>() + (index ? index[r] : r) * o;
-}
-inline const Bf16* add_row_bf16(const at::Tensor& add, const int64_t* index, int64_t r, int64_t o) {
-  return add.data_ptr<Bf16>() + (index ? index[r] : r) * o;
+// Row r of add (of element type T): add itself row-aligned with y, or add[index[r]] (index defined).
+template <typename T>
+inline const T* add_row(const at::Tensor& add, const int64_t* index, int64_t r, int64_t o) {
+  return add.data_ptr<T>() + (index ? index[r] : r) * o;
 }
 
 // x [X, I] (bf16, or float32 rounded to bf16 block by block), weight [O, I] (any float type, rounded to bf16),
@@ -220,13 +218,13 @@ inline at::Tensor forward_bf16(const at::Tensor& x_in, const at::Tensor& weight,
       at::native::cpublas::brgemm(kb, o, kp, lda, o, o, false, a, wb.data(), c.data(), true);
       if (plus.defined() && plus.scalar_type() == at::kFloat) {
         for (int64_t i = 0; i < rows; ++i) {
-          const float* __restrict__ ap = add_row_f32(plus, ip, r0 + i, o);
+          const float* __restrict__ ap = add_row<float>(plus, ip, r0 + i, o);
           float* __restrict__ ci = c.data() + i * o;
           for (int64_t j = 0; j < o; ++j) ci[j] += ap[j];
         }
       } else if (plus.defined()) {
         for (int64_t i = 0; i < rows; ++i) {
-          const Bf16* __restrict__ ap = add_row_bf16(plus, ip, r0 + i, o);
+          const Bf16* __restrict__ ap = add_row<Bf16>(plus, ip, r0 + i, o);
           float* __restrict__ ci = c.data() + i * o;
           for (int64_t j = 0; j < o; ++j) ci[j] += static_cast<float>(ap[j]);
         }
@@ -375,17 +373,8 @@ inline std::vector<at::Tensor> backward_bf16(const at::Tensor& grad_in, const at
         }
         if (need_dw) {
           vnni_rows(gp + r0 * o, rows, o, gv.data());
-          if constexpr (std::is_same_v<In, Bf16>) {
-            if (!xr) {
-              vnni_rows(xp + r0 * in, rows, in, xv.data());
-            } else {
-              int64_t ld = 0;
-              vnni_rows(x_block<In>(xp, m, in, in, r0, xr, xbuf, ld), rows, in, xv.data());
-            }
-          } else {
-            int64_t ld = 0;
-            vnni_rows(x_block<In>(xp, m, in, in, r0, xr, xbuf, ld), rows, in, xv.data());
-          }
+          int64_t ld = 0;  // x's block as bf16 rows (in place for bf16 x read in order)
+          vnni_rows(x_block<In>(xp, m, in, in, r0, xr, xbuf, ld), rows, in, xv.data());
           din_gemm::transpose_u32(gv.data(), o, reinterpret_cast<uint32_t*>(gt.data()), kb / 2, kb / 2, o);
           at::native::cpublas::brgemm(o, in, kb, kb, in, in, true, gt.data(),
                                       reinterpret_cast<const Bf16*>(xv.data()), dwp + t * o * in, true);

@@ -190,7 +190,7 @@ template <int64_t M, typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& x, const std::optional<at::Tensor>& att,
                                      const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_hh,
                                      const std::optional<at::Tensor>& input_bias, const std::vector<int64_t>& steps,
-                                     bool bf16) {
+                                     bool bf16_products) {
   constexpr int64_t ns = M == kAgru ? 1 : 2;
   const int64_t n_rows = x.size(0), h = weight_hh.size(1), g = (ns + 1) * h;
   const at::TensorOptions f32 = weight_hh.options();
@@ -208,10 +208,10 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const std::optional<at
   // bf16 products: U^T as a VNNI right-hand side, and per part a bf16 copy of its previous states.
   const float* wp = weight_hh.data_ptr<float>();
   const std::vector<din_gemm::Bf16> wt_vnni =
-      bf16 ? din_gemm::pack_vnni(h, g, [&](int64_t k, int64_t j) { return wp[j * h + k]; })
+      bf16_products ? din_gemm::pack_vnni(h, g, [&](int64_t k, int64_t j) { return wp[j * h + k]; })
            : std::vector<din_gemm::Bf16>();
-  std::vector<std::vector<din_gemm::Bf16>> hbuf(bf16 ? std::max<int64_t>(1, at::get_num_threads()) : 0,
-                                                std::vector<din_gemm::Bf16>(bf16 ? b0 * h : 0));
+  std::vector<std::vector<din_gemm::Bf16>> hbuf(bf16_products ? std::max<int64_t>(1, at::get_num_threads()) : 0,
+                                                std::vector<din_gemm::Bf16>(bf16_products ? b0 * h : 0));
   const float* bhp = bias_hh ? bias_hh->data_ptr<float>() : nullptr;
   const float* attp = att ? att->data_ptr<float>() : nullptr;
   int64_t start = 0, prev_start = 0;
@@ -229,7 +229,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const std::optional<at
         }
         if (t > 0) {
           hp = out.data_ptr<float>() + (prev_start + r0) * h;
-          if (bf16) {  // U h (+ b_hh) on bf16 operands, float32 sums
+          if (bf16_products) {  // U h (+ b_hh) on bf16 operands, float32 sums
             din_gemm::Bf16* hb = hbuf[q].data();
             din_ops::store_row(hp, hb, rows * h);
             din_gemm::gemm_rows_bf16(rows, g, h, hb, h, wt_vnni.data(), hhp, g, true);
@@ -255,7 +255,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const std::opt
                                       const at::Tensor& weight_hh, const at::Tensor& out, const at::Tensor& sig,
                                       const at::Tensor& cand, const at::Tensor& hh_n,
                                       const std::vector<int64_t>& steps, bool has_bias, bool has_input_bias,
-                                      bool bf16) {
+                                      bool bf16_products) {
   constexpr int64_t ns = M == kAgru ? 1 : 2;
   const int64_t n_rows = out.size(0), h = out.size(1), g = (ns + 1) * h;
   // Each state's complete gradient: its output gradient plus what the next step sends back. Rows with a next
@@ -289,11 +289,12 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const std::opt
   // gradients and add_at_b_bf16's scratch.
   const float* wp = weight_hh.data_ptr<float>();
   const std::vector<din_gemm::Bf16> w_vnni =
-      bf16 ? din_gemm::pack_vnni(g, h, [&](int64_t k, int64_t j) { return wp[k * h + j]; })
+      bf16_products ? din_gemm::pack_vnni(g, h, [&](int64_t k, int64_t j) { return wp[k * h + j]; })
            : std::vector<din_gemm::Bf16>();
-  std::vector<std::vector<din_gemm::Bf16>> dhh_b(bf16 ? slots : 0, std::vector<din_gemm::Bf16>(bf16 ? b0 * g : 0));
+  std::vector<std::vector<din_gemm::Bf16>> dhh_b(bf16_products ? slots : 0,
+                                                 std::vector<din_gemm::Bf16>(bf16_products ? b0 * g : 0));
   std::vector<din_gemm::AtBScratch> atb;
-  if (bf16)
+  if (bf16_products)
     for (int64_t q = 0; q < slots; ++q) atb.emplace_back(g, h);
   for (int64_t t = static_cast<int64_t>(steps.size()) - 1; t >= 0; --t) {
     const int64_t b = steps[t], start = starts[t], parts = std::min(step_parts(b), slots);
@@ -320,7 +321,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const std::opt
         if (t > 0) {
           // Through U h to the previous state; and dU += dhh^T h_prev (a row of step t started from the row of
           // the same rank in step t - 1; step 0's rows started from zeros: no term).
-          if (bf16) {
+          if (bf16_products) {
             din_gemm::Bf16* db = dhh_b[q].data();
             din_ops::store_row(dhh, db, rows * g);
             din_gemm::gemm_rows_bf16(rows, h, g, db, g, w_vnni.data(), dprev, h, true);
