@@ -250,6 +250,10 @@ class NegativeSampler:
         rows = np.repeat(np.arange(b, dtype=np.int64), lengths)
         base = rows * v
         keys: list[np.ndarray] = []
+        # The C++ check (ops/history_kernel.h) where the extension is built: a scan of each short history instead
+        # of a sort of all N keys and a searchsorted (sampling a DIEN batch here: 1.1 -> 0.26 ms).
+        mod = native.loaded() if self.use_native else None
+        offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
 
         def hist_keys() -> np.ndarray:
             """Sorted ``row * V + item`` of every history position (computed once, when first needed)."""
@@ -257,30 +261,26 @@ class NegativeSampler:
                 keys.append(np.sort(base + items))
             return keys[0]
 
-        def in_history(todo: np.ndarray) -> np.ndarray:
-            """Whether ``neg[todo]`` is in its own sample's history."""
-            if mod is not None and self.use_native:
+        def in_history(todo: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+            """Whether each candidate (for history position ``todo``) is in its own sample's history."""
+            if mod is not None:
                 return mod.in_own_history(
                     offsets,
                     torch.from_numpy(items),
                     torch.from_numpy(rows[todo]),
-                    torch.from_numpy(neg[todo]),
+                    torch.from_numpy(candidates),
                 ).numpy()
-            q = base[todo] + neg[todo]
+            q = base[todo] + candidates
             sorted_keys = hist_keys()
             pos = np.minimum(np.searchsorted(sorted_keys, q), n - 1)
             return sorted_keys[pos] == q
 
         neg = self._propose(n, rng)
         if n:
-            # The C++ check (ops/history_kernel.h) where the extension is built: a scan of each short history
-            # instead of a sort of all N keys and a searchsorted (sampling a DIEN batch here: 1.1 -> 0.26 ms).
-            mod = native.loaded()
-            offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
             todo = np.arange(n, dtype=np.int64)
             rounds = 0
             while True:
-                todo = todo[in_history(todo)]  # candidates that are in their own sample's history
+                todo = todo[in_history(todo, neg[todo])]  # candidates in their own sample's history
                 if todo.size == 0 or rounds == self.max_rounds:
                     break
                 neg[todo] = self._propose(todo.size, rng)
