@@ -253,7 +253,11 @@ class NegativeSampler:
         # The C++ check (ops/history_kernel.h) where the extension is built: a scan of each short history instead
         # of a sort of all N keys and a searchsorted (sampling a DIEN batch here: 1.1 -> 0.26 ms).
         mod = native.loaded() if self.use_native else None
-        offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        offsets = (
+            torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+            if mod is not None
+            else None
+        )
 
         def hist_keys() -> np.ndarray:
             """Sorted ``row * V + item`` of every history position (computed once, when first needed)."""

@@ -57,11 +57,6 @@ inline const Bf16* lhs_block(const Bf16* src, int64_t m, int64_t k, int64_t r0, 
   return buf.data();
 }
 
-// A row block of bf16 rows as kGemmRowBlock / 2 VNNI word rows (din_gemm::vnni_words), zero past the last row.
-inline void vnni_rows(const Bf16* src, int64_t rows, int64_t cols, uint32_t* out) {
-  din_gemm::vnni_words(reinterpret_cast<const uint16_t*>(src), rows, cols, din_gemm::kGemmRowBlock / 2, out);
-}
-
 // Row block r0 (of m rows) of the product's left-hand side x[index[r]] (x[r] without an index), x float32 or
 // bf16 [*, k], as bf16 rows of stride ld (ld >= k; columns k .. ld and rows past the block's end zero): bf16 x
 // without an index is lhs_block's (in place when it can be); otherwise the rows are gathered and rounded into
@@ -340,8 +335,8 @@ inline std::vector<at::Tensor> backward_bf16(const at::Tensor& grad_in, const at
   float* dap = idx.defined() ? dadd_parts.data_ptr<float>() : nullptr;
   const int64_t* ip = idx.defined() ? idx.data_ptr<int64_t>() : nullptr;
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<Bf16> gt(o * kb), abuf, xbuf;
-    std::vector<uint32_t> gv(kb / 2 * o), xv(kb / 2 * in);
+    std::vector<Bf16> abuf, xbuf;
+    din_gemm::AtBScratch atb(need_dw ? o : 0, need_dw ? in : 0);
     std::vector<float> c(need_dx ? kb * in : 0);
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t k = blocks * t / threads; k < blocks * (t + 1) / threads; ++k) {
@@ -372,12 +367,9 @@ inline std::vector<at::Tensor> backward_bf16(const at::Tensor& grad_in, const at
           }
         }
         if (need_dw) {
-          vnni_rows(gp + r0 * o, rows, o, gv.data());
           int64_t ld = 0;  // x's block as bf16 rows (in place for bf16 x read in order)
-          vnni_rows(x_block<In>(xp, m, in, in, r0, xr, xbuf, ld), rows, in, xv.data());
-          din_gemm::transpose_u32(gv.data(), o, reinterpret_cast<uint32_t*>(gt.data()), kb / 2, kb / 2, o);
-          at::native::cpublas::brgemm(o, in, kb, kb, in, in, true, gt.data(),
-                                      reinterpret_cast<const Bf16*>(xv.data()), dwp + t * o * in, true);
+          din_gemm::add_at_b_bf16_block(rows, o, in, gp + r0 * o, x_block<In>(xp, m, in, in, r0, xr, xbuf, ld),
+                                        dwp + t * o * in, atb);
         }
       }
     }

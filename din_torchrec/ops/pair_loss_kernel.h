@@ -176,30 +176,31 @@ std::vector<at::Tensor> fused_impl(const at::Tensor& states, const at::Tensor& b
   // Only the pairs' target rows (mask != 0) are scored: rows that are no pair's target (each sample's first
   // behaviour: one in ~25 of DIEN's rows) add nothing to the loss, so they are left out of the blocks rather
   // than computed and masked.
-  std::vector<int64_t> tgt;
-  tgt.reserve(n);
-  for (int64_t r = 0; r < n; ++r)
-    if (mp[r] != 0.0f) tgt.push_back(r);
-  const int64_t nt = static_cast<int64_t>(tgt.size());
+  //
   // Gradients in float32, the states' already aligned with them (target row j's goes to state j - 1). Rows no
-  // target writes -- non-target rows of g_x, the states before them and the last state -- are zero.
+  // target writes -- non-target rows of g_x, the states before them and the last state -- are zeroed in the
+  // same pass over the mask that lists the targets.
   at::Tensor g_states, g_x;
   const at::TensorOptions f32 = mask.options();
   if (grads) {
     g_states = at::empty({n, h}, f32);
     g_x = at::empty({2, n, d}, f32);
-    float* gs = g_states.data_ptr<float>();
-    float* gx = g_x.data_ptr<float>();
-    if (n > 0) std::fill(gs + (n - 1) * h, gs + n * h, 0.0f);
-    for (int64_t r = 0; r < n; ++r) {
-      if (mp[r] != 0.0f) continue;
-      std::fill(gx + r * d, gx + (r + 1) * d, 0.0f);
-      std::fill(gx + (n + r) * d, gx + (n + r + 1) * d, 0.0f);
-      if (r > 0) std::fill(gs + (r - 1) * h, gs + r * h, 0.0f);
-    }
   }
   float* gsp = grads ? g_states.data_ptr<float>() : nullptr;
   float* gxp = grads ? g_x.data_ptr<float>() : nullptr;
+  if (grads && n > 0) std::fill(gsp + (n - 1) * h, gsp + n * h, 0.0f);
+  std::vector<int64_t> tgt;
+  tgt.reserve(n);
+  for (int64_t r = 0; r < n; ++r) {
+    if (mp[r] != 0.0f) {
+      tgt.push_back(r);
+    } else if (grads) {
+      std::fill(gxp + r * d, gxp + (r + 1) * d, 0.0f);
+      std::fill(gxp + (n + r) * d, gxp + (n + r + 1) * d, 0.0f);
+      if (r > 0) std::fill(gsp + (r - 1) * h, gsp + r * h, 0.0f);
+    }
+  }
+  const int64_t nt = static_cast<int64_t>(tgt.size());
 
   const int64_t blocks = (nt + kBlock - 1) / kBlock;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));

@@ -126,7 +126,7 @@ inline std::vector<Bf16> pack_vnni(int64_t k, int64_t n, Get get) {
   return out;
 }
 
-// Scratch of add_at_b_bf16 for widths o and n.
+// Scratch of add_at_b_bf16 / add_at_b_bf16_block for widths o and n.
 struct AtBScratch {
   std::vector<Bf16> rows_a, rows_b, at;
   std::vector<uint32_t> words, bv;
@@ -135,21 +135,29 @@ struct AtBScratch {
         words(kGemmRowBlock / 2 * o), bv(kGemmRowBlock / 2 * n) {}
 };
 
-// out [o, n] += A^T B as add_at_b, both operands rounded to bf16 (float32 sums): per block of kGemmRowBlock rows
-// A's rows as VNNI words transposed (the bf16 A^T, [o, kb]), B's as VNNI words; rows past m are zero pairs,
-// so every call has the one shape [o, kb] x [kb, n].
+// out [o, n] += A^T B for one block of rows <= kGemmRowBlock bf16 rows, A [rows, o] and B [rows, n] (row-major,
+// contiguous), float32 sums: A's rows as VNNI words transposed (the bf16 A^T, [o, kb]), B's as VNNI words; rows
+// past `rows` are zero pairs, so every call has the one shape [o, kb] x [kb, n]. A weight gradient's block (the
+// linear kernel's dW, the recurrences' dU under bf16).
+inline void add_at_b_bf16_block(int64_t rows, int64_t o, int64_t n, const Bf16* a, const Bf16* b, float* out,
+                                AtBScratch& s) {
+  constexpr int64_t kb = kGemmRowBlock;
+  vnni_words(reinterpret_cast<const uint16_t*>(a), rows, o, kb / 2, s.words.data());
+  transpose_u32(s.words.data(), o, reinterpret_cast<uint32_t*>(s.at.data()), kb / 2, kb / 2, o);
+  vnni_words(reinterpret_cast<const uint16_t*>(b), rows, n, kb / 2, s.bv.data());
+  at::native::cpublas::brgemm(o, n, kb, kb, n, n, true, s.at.data(), reinterpret_cast<const Bf16*>(s.bv.data()),
+                              out, true);
+}
+
+// out [o, n] += A^T B as add_at_b, float32 A [m, o] and B [m, n] rounded to bf16 block by block (float32 sums).
 inline void add_at_b_bf16(int64_t m, int64_t o, int64_t n, const float* a, const float* b, float* out,
                           AtBScratch& s) {
   constexpr int64_t kb = kGemmRowBlock;
   for (int64_t r0 = 0; r0 < m; r0 += kb) {
     const int64_t rows = std::min(kb, m - r0);
     din_ops::store_row(a + r0 * o, s.rows_a.data(), rows * o);
-    vnni_words(reinterpret_cast<const uint16_t*>(s.rows_a.data()), rows, o, kb / 2, s.words.data());
-    transpose_u32(s.words.data(), o, reinterpret_cast<uint32_t*>(s.at.data()), kb / 2, kb / 2, o);
     din_ops::store_row(b + r0 * n, s.rows_b.data(), rows * n);
-    vnni_words(reinterpret_cast<const uint16_t*>(s.rows_b.data()), rows, n, kb / 2, s.bv.data());
-    at::native::cpublas::brgemm(o, n, kb, kb, n, n, true, s.at.data(), reinterpret_cast<const Bf16*>(s.bv.data()),
-                                out, true);
+    add_at_b_bf16_block(rows, o, n, s.rows_a.data(), s.rows_b.data(), out, s);
   }
 }
 
