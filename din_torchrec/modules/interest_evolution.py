@@ -36,7 +36,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from din_torchrec.modules.attention import LocalActivationUnit, complete_offsets, segment_ids, segment_softmax
 from din_torchrec.modules.mlp import MLP, linear_rows, row_bucketed
-from din_torchrec.modules.recurrence import packed_recurrence
+from din_torchrec.modules.recurrence import packed_recurrence, projected_recurrence
 from din_torchrec.modules.rows import gather_rows, inverse_index
 from din_torchrec.ops.linear import linear, native_linear_dtype
 from din_torchrec.ops.pair_loss import sigmoid_mlp_pair_loss
@@ -295,9 +295,20 @@ class InterestExtractor(nn.Module):
             # (docs/benchmarks.md, GPU check), where the recurrence's per-step launches dominate.
             return (*self.forward_packed(behaviours, lengths, layout), None)
         gru = self.gru
-        # Input side of every step in one matmul, gathered into packed (time-major, length-ranked) order.
-        x = project_packed(behaviours, layout, gru.weight_ih_l0, gru.bias_ih_l0)
-        packed = packed_recurrence(x, None, gru.weight_hh_l0, gru.bias_hh_l0, layout.steps, "gru")
+        # The input side of the steps in packed (time-major, length-ranked) order: projected inside the native
+        # kernel, else one matmul over all rows first (project_packed).
+        packed = projected_recurrence(
+            behaviours,
+            layout.packed_index,
+            gru.weight_ih_l0,
+            gru.bias_ih_l0,
+            None,
+            gru.weight_hh_l0,
+            gru.bias_hh_l0,
+            layout.steps,
+            "gru",
+            project=lambda: project_packed(behaviours, layout, gru.weight_ih_l0),
+        )
         states = gather_rows(packed, layout.unpack_index, layout.packed_index)
         return states, final_states(packed, layout, lengths), packed
 
@@ -433,23 +444,43 @@ class InterestEvolution(nn.Module):
         att = self.attention(states, lengths, candidates)
         if not layout.steps:
             return states.new_zeros(b, self.hidden_size), att
-        # Input side of every step in one matmul, in packed (time-major, length-ranked) order.
         cell = self.cell
-        # cell.project_input, its rows padded to a bucket where the matmul is oneDNN's (linear_rows).
-        if packed_states is None:
-            x = project_packed(states, layout, cell.weight_ih)
-        else:
-            x = linear_rows(packed_states, cell.weight_ih)
+
+        def project() -> torch.Tensor:
+            # cell.project_input on every step's input in one matmul, in packed (time-major, length-ranked)
+            # order; its rows padded to a bucket where the matmul is oneDNN's (linear_rows).
+            if packed_states is None:
+                return project_packed(states, layout, cell.weight_ih)
+            return linear_rows(packed_states, cell.weight_ih)
+
         a = gather_rows(att, layout.packed_index, layout.unpack_index)
         if self.kind == "aigru":
             # W (a x) = a (W x): the attention scales the projection; then a plain GRU.
             packed = packed_recurrence(
-                torch.addcmul(cell.bias, x, a.unsqueeze(1)), None, cell.weight_hh, None, layout.steps, "ugru"
+                torch.addcmul(cell.bias, project(), a.unsqueeze(1)),
+                None,
+                cell.weight_hh,
+                None,
+                layout.steps,
+                "ugru",
             )
         else:
-            # The bias is added inside the recurrence: under bf16 autocast `x + bias` was a mixed-dtype pass
-            # writing a float32 copy of all N x 3H values (and its backward another pass).
-            packed = packed_recurrence(x, a, cell.weight_hh, None, layout.steps, self.kind, cell.bias)
+            # The input projection inside the native kernel where it runs; the bias is added inside the
+            # recurrence either way (under bf16 autocast `x + bias` was a mixed-dtype pass writing a float32 copy
+            # of all N x 3H values, and its backward another pass).
+            x_in, rows = (states, layout.packed_index) if packed_states is None else (packed_states, None)
+            packed = projected_recurrence(
+                x_in,
+                rows,
+                cell.weight_ih,
+                cell.bias,
+                a,
+                cell.weight_hh,
+                None,
+                layout.steps,
+                self.kind,
+                project,
+            )
         return final_states(packed, layout, lengths), att
 
     def forward_loop(

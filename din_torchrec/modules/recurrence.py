@@ -41,6 +41,8 @@ jagged batches with empty and length-1 histories.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from din_torchrec.ops import native
@@ -247,6 +249,8 @@ class NativePackedRecurrence(torch.autograd.Function):
             list(steps),
             code,
             bf16_products,
+            None,
+            None,
         )
         ctx.steps, ctx.code, ctx.has_bias = list(steps), code, bias_hh is not None
         ctx.bf16_products = bf16_products
@@ -291,6 +295,39 @@ def _recurrence_function(x: torch.Tensor) -> type[torch.autograd.Function]:
     return NativePackedRecurrence if native.usable(x, (torch.float32, torch.bfloat16)) else PackedRecurrence
 
 
+def _check_arguments(
+    x_shape: tuple[int, ...],
+    att: torch.Tensor | None,
+    weight_hh: torch.Tensor,
+    bias_hh: torch.Tensor | None,
+    steps: list[int],
+    mode: str,
+    input_bias: torch.Tensor | None,
+) -> None:
+    """:func:`packed_recurrence`'s argument checks (``x_shape``: the projected input's, ``[N, G]``)."""
+    if mode not in MODES:
+        raise ValueError(f"packed_recurrence: mode must be one of {MODES}, got {mode!r}")
+    hidden = weight_hh.shape[1]
+    gates = (_num_sigmoid_gates(mode) + 1) * hidden
+    if len(x_shape) != 2 or x_shape[1] != gates or weight_hh.shape[0] != gates:
+        raise ValueError(
+            f"packed_recurrence ({mode}): expected x [N, {gates}] and weight_hh [{gates}, {hidden}], "
+            f"got {tuple(x_shape)} and {tuple(weight_hh.shape)}"
+        )
+    if input_bias is not None and input_bias.shape != (gates,):
+        raise ValueError(
+            f"packed_recurrence ({mode}): input_bias must be [{gates}], got {tuple(input_bias.shape)}"
+        )
+    if (att is None) != (mode not in ("augru", "agru")):
+        raise ValueError(f"packed_recurrence ({mode}): att is {'required' if att is None else 'not used'}")
+    if (bias_hh is None) != (mode != "gru"):
+        raise ValueError(
+            f"packed_recurrence ({mode}): bias_hh is {'required' if bias_hh is None else 'not used'}"
+        )
+    if sum(steps) != x_shape[0]:
+        raise ValueError(f"packed_recurrence: steps sum to {sum(steps)}, x has {x_shape[0]} rows")
+
+
 def packed_recurrence(
     x: torch.Tensor,
     att: torch.Tensor | None,
@@ -308,27 +345,8 @@ def packed_recurrence(
     autocast on the CPU its per-step products take bf16 operands with float32 sums (``bf16_products``; an even
     hidden size), as autocast's own GRU does.
     """
-    if mode not in MODES:
-        raise ValueError(f"packed_recurrence: mode must be one of {MODES}, got {mode!r}")
+    _check_arguments(tuple(x.shape), att, weight_hh, bias_hh, steps, mode, input_bias)
     hidden = weight_hh.shape[1]
-    gates = (_num_sigmoid_gates(mode) + 1) * hidden
-    if x.dim() != 2 or x.shape[1] != gates or weight_hh.shape[0] != gates:
-        raise ValueError(
-            f"packed_recurrence ({mode}): expected x [N, {gates}] and weight_hh [{gates}, {hidden}], "
-            f"got {tuple(x.shape)} and {tuple(weight_hh.shape)}"
-        )
-    if input_bias is not None and input_bias.shape != (gates,):
-        raise ValueError(
-            f"packed_recurrence ({mode}): input_bias must be [{gates}], got {tuple(input_bias.shape)}"
-        )
-    if (att is None) != (mode not in ("augru", "agru")):
-        raise ValueError(f"packed_recurrence ({mode}): att is {'required' if att is None else 'not used'}")
-    if (bias_hh is None) != (mode != "gru"):
-        raise ValueError(
-            f"packed_recurrence ({mode}): bias_hh is {'required' if bias_hh is None else 'not used'}"
-        )
-    if sum(steps) != x.shape[0]:
-        raise ValueError(f"packed_recurrence: steps sum to {sum(steps)}, x has {x.shape[0]} rows")
     if x.shape[0] == 0:
         out = x.new_zeros(0, hidden) + 0 * weight_hh.sum()
         return out if input_bias is None else out + 0 * input_bias.sum()
@@ -355,3 +373,184 @@ def packed_recurrence(
                 bf16_products,
             )
     return _recurrence_function(x).apply(x, att, weight_hh, bias_hh, steps, mode, input_bias)
+
+
+class NativeProjectedRecurrence(torch.autograd.Function):
+    """The recurrence with its input projection inside the C++ kernel:
+    ``NativeProjectedRecurrence.apply(x_in, rows, weight_ih, input_bias, att, weight_hh, bias_hh, steps, mode,
+    bf16_products)`` equals ``PackedRecurrence.apply(x_in[rows] @ weight_ih.T, att, weight_hh, bias_hh, steps,
+    mode, input_bias, bf16_products)`` with the projection's sums in float32 (its operands rounded to bf16 too
+    under ``bf16_products``) -- :func:`projected_recurrence_reference`.
+
+    Why: DIEN's two input projections were linear layers of their own, ``[N, I] -> [N, G]``, whose output (bf16
+    under autocast) the recurrence then read back. In the kernel each step's part projects its own rows into a
+    scratch that the step's loop reads while in cache (``ops/recurrence_kernel.h``, ``Projection``): no ``[N,
+    G]`` input is stored, and the projection's output is not rounded. The backward is the recurrence's, then the
+    linear layer's for ``x_in`` and ``weight_ih`` (one large product for ``weight_ih``'s gradient: a product per
+    step, tried, was slower). CPU, float32 ``x_in``, ``weight_ih`` and ``weight_hh``; ``rows [N]`` distinct
+    int64 or None (row ``r`` of the packed steps reads ``x_in[rows[r]]``; None: ``x_in`` is in packed
+    order)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x_in: torch.Tensor,
+        rows: torch.Tensor | None,
+        weight_ih: torch.Tensor,
+        input_bias: torch.Tensor | None,
+        att: torch.Tensor | None,
+        weight_hh: torch.Tensor,
+        bias_hh: torch.Tensor | None,
+        steps: list[int],
+        mode: str,
+        bf16_products: bool = False,
+    ) -> torch.Tensor:
+        mod = native.kernels()
+        assert mod is not None
+        code = MODES.index(mode)
+        x_in, w_ih, w = x_in.contiguous(), weight_ih.contiguous(), weight_hh.contiguous()
+        rows_c = None if rows is None else rows.contiguous()
+        att_c = None if att is None else att.contiguous()
+        out, sig, cand, hh_n = mod.recurrence_forward(
+            x_in,
+            att_c,
+            w,
+            None if bias_hh is None else bias_hh.contiguous(),
+            None if input_bias is None else input_bias.contiguous(),
+            list(steps),
+            code,
+            bf16_products,
+            rows_c,
+            w_ih,
+        )
+        ctx.steps, ctx.code, ctx.bf16_products = list(steps), code, bf16_products
+        ctx.has_bias, ctx.has_input_bias = bias_hh is not None, input_bias is not None
+        ctx.save_for_backward(x_in, rows_c, w_ih, att_c, w, out, sig, cand, hh_n)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        x_in, rows, w_ih, att, w, out, sig, cand, hh_n = ctx.saved_tensors
+        mod = native.kernels()
+        assert mod is not None
+        bf16 = ctx.bf16_products  # x's gradient in bf16, as the linear kernel's bf16 backward takes it
+        dx, datt, dweight, dbias, dinput_bias = mod.recurrence_backward(
+            grad_out.float().contiguous(),
+            att,
+            w,
+            out,
+            sig,
+            cand,
+            hh_n,
+            ctx.steps,
+            ctx.code,
+            ctx.has_bias,
+            ctx.has_input_bias,
+            bf16,
+            bf16,
+        )
+        need_dx, _, need_dw = ctx.needs_input_grad[:3]
+        if bf16:  # reads x_in's rows by index and scatters their gradient back itself
+            dx_in, dweight_ih, _, _ = mod.linear_backward(
+                dx, x_in, w_ih, need_dx, need_dw, False, None, 0, rows
+            )
+        else:
+            x_sel = x_in if rows is None else x_in.index_select(0, rows)
+            dx_sel, dweight_ih, _, _ = mod.linear_backward(
+                dx, x_sel, w_ih, need_dx, need_dw, False, None, 0, None
+            )
+            dx_in = (
+                dx_sel if rows is None or not need_dx else torch.zeros_like(x_in).index_copy_(0, rows, dx_sel)
+            )
+        return (
+            dx_in if need_dx else None,
+            None,
+            dweight_ih if need_dw else None,
+            (dinput_bias if ctx.has_input_bias else None),
+            (datt if att is not None else None),
+            dweight,
+            (dbias if ctx.has_bias else None),
+            None,
+            None,
+            None,
+        )
+
+
+def projected_recurrence_reference(
+    x_in: torch.Tensor,
+    rows: torch.Tensor | None,
+    weight_ih: torch.Tensor,
+    input_bias: torch.Tensor | None,
+    att: torch.Tensor | None,
+    weight_hh: torch.Tensor,
+    bias_hh: torch.Tensor | None,
+    steps: list[int],
+    mode: str,
+    bf16_products: bool = False,
+) -> torch.Tensor:
+    """What :class:`NativeProjectedRecurrence` computes, in PyTorch: the projection as a matmul with float32
+    sums and output (on operands rounded to bf16 under ``bf16_products``), then :class:`PackedRecurrence`. (The
+    kernel's backward also rounds x's gradient to bf16 under ``bf16_products``, as a bf16 matmul's backward
+    does; this one keeps it in float32.)"""
+    x = x_in if rows is None else x_in.index_select(0, rows)
+    x = _product_operand(x, bf16_products) @ _product_operand(weight_ih, bf16_products).t()
+    return PackedRecurrence.apply(x, att, weight_hh, bias_hh, steps, mode, input_bias, bf16_products)
+
+
+def projected_recurrence(
+    x_in: torch.Tensor,
+    rows: torch.Tensor | None,
+    weight_ih: torch.Tensor,
+    input_bias: torch.Tensor | None,
+    att: torch.Tensor | None,
+    weight_hh: torch.Tensor,
+    bias_hh: torch.Tensor | None,
+    steps: list[int],
+    mode: str,
+    project: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """``packed_recurrence(W_ih x_in[rows], att, weight_hh, bias_hh, steps, mode, input_bias)``, with the
+    projection inside the native kernel where it runs (:class:`NativeProjectedRecurrence`: CPU, float32
+    ``x_in`` and weights, under bf16 autocast or none; bf16 products under bf16 autocast with even sizes, as
+    :func:`packed_recurrence`). Elsewhere ``project()`` makes the projected ``[N, G]`` input (the caller's
+    layer: ``F.linear``, the linear kernel, cuDNN's path...) and :func:`packed_recurrence` runs on it.
+
+    Args:
+        x_in: ``[X, I]`` inputs; ``rows``: ``[N]`` distinct rows of it in the steps' packed order (None:
+            ``x_in`` is in that order, X = N).
+        weight_ih: ``[G, I]``; ``input_bias``: ``[G]`` or None; the rest as :func:`packed_recurrence`.
+    """
+    if x_in.dim() != 2 or weight_ih.dim() != 2 or weight_ih.shape[1] != x_in.shape[1]:
+        raise ValueError(
+            f"projected_recurrence ({mode}): expected x_in [X, I] and weight_ih [G, I], got "
+            f"{tuple(x_in.shape)} and {tuple(weight_ih.shape)}"
+        )
+    n = x_in.shape[0] if rows is None else rows.shape[0]
+    _check_arguments((n, weight_ih.shape[0]), att, weight_hh, bias_hh, steps, mode, input_bias)
+    hidden = weight_hh.shape[1]
+    autocast = torch.is_autocast_enabled(x_in.device.type)
+    bf16_autocast = (
+        autocast and x_in.device.type == "cpu" and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
+    fused = (
+        native.usable(x_in, (torch.float32,))
+        and sum(steps) > 0
+        and all(t.dtype == torch.float32 for t in (weight_ih, weight_hh))
+        and (not autocast or bf16_autocast)
+    )
+    if not fused:
+        return packed_recurrence(project(), att, weight_hh, bias_hh, steps, mode, input_bias)
+    bf16_products = bf16_autocast and hidden % 2 == 0 and x_in.shape[1] % 2 == 0
+    with torch.autocast(device_type="cpu", enabled=False):
+        return NativeProjectedRecurrence.apply(
+            x_in,
+            rows,
+            weight_ih,
+            None if input_bias is None else input_bias.float(),
+            None if att is None else att.float(),
+            weight_hh,
+            None if bias_hh is None else bias_hh.float(),
+            steps,
+            mode,
+            bf16_products,
+        )

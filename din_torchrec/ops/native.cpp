@@ -52,9 +52,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pair_loss_fused", &pair_loss_fused,
         "DIEN's auxiliary pair loss, forward and backward in blocks of rows: loss, g_states, g_x, g_w..., g_b...",
         kNoGil);
-  m.def("recurrence_forward", &recurrence_forward, "packed gated recurrence: out, sig, cand, hh_n",
+  m.def("recurrence_forward", &recurrence_forward, "packed gated recurrence (optionally with its input projection inside): out, sig, cand, hh_n",
         kNoGil);
-  m.def("recurrence_backward", &recurrence_backward, "packed gated recurrence backward: dx, datt, dweight, dbias, dinput_bias",
+  m.def("recurrence_backward", &recurrence_backward, "packed gated recurrence backward: dx (or d x_in), datt, dweight, dbias, dinput_bias, dweight_ih",
         kNoGil);
   m.def("in_own_history", &in_own_history, "whether each candidate item is in its own sample's history",
         kNoGil);

@@ -28,6 +28,7 @@
 #include "small_gemm.h"
 
 #include <cmath>
+#include <numeric>
 #include <optional>
 #include <vector>
 
@@ -186,13 +187,27 @@ inline void check_f32(const at::Tensor& t, const char* name) {
               name, " must be a contiguous float32 CPU tensor");
 }
 
+// The input projection inside the forward (Python: NativeProjectedRecurrence): x = W_ih x_in[rows] is not a
+// separate [N, G] matmul written out (bf16 under autocast) and read back by the steps, but one more product per
+// step part, into a scratch that the step's loop reads while it is in cache. The backward is unchanged: it
+// writes x's gradient, from which the linear kernel's backward gives x_in's and W_ih's (one large product for
+// W_ih rather than one per step).
+struct Projection {
+  const float* x = nullptr;       // x_in [X, I] float32
+  const int64_t* rows = nullptr;  // packed row r reads x_in[rows[r]]; null: x_in[r]
+  int64_t in = 0;                 // I
+  const float* w = nullptr;       // W_ih [G, I]
+  const float* row(int64_t r) const { return x + (rows ? rows[r] : r) * in; }
+};
+
 template <int64_t M, typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& x, const std::optional<at::Tensor>& att,
                                      const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_hh,
                                      const std::optional<at::Tensor>& input_bias, const std::vector<int64_t>& steps,
-                                     bool bf16_products) {
+                                     bool bf16_products, const Projection* proj) {
   constexpr int64_t ns = M == kAgru ? 1 : 2;
-  const int64_t n_rows = x.size(0), h = weight_hh.size(1), g = (ns + 1) * h;
+  const int64_t h = weight_hh.size(1), g = (ns + 1) * h;
+  const int64_t n_rows = proj ? std::accumulate(steps.begin(), steps.end(), int64_t{0}) : x.size(0);
   const at::TensorOptions f32 = weight_hh.options();
   at::Tensor out = at::empty({n_rows, h}, f32);
   at::Tensor sig = at::empty({n_rows, ns * h}, f32);
@@ -201,7 +216,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const std::optional<at
   const int64_t b0 = steps.empty() ? 0 : steps[0];
   at::Tensor hh = at::empty({b0, g}, f32);
   const at::Tensor bx = input_bias ? *input_bias : at::zeros({g}, f32);
-  const T* xp = x.data_ptr<T>();
+  const T* xp = proj ? nullptr : x.data_ptr<T>();
   const at::Tensor zeros = at::zeros({b0 * h}, f32);  // the state before step 0
   const at::Tensor wt = weight_hh.t().contiguous();      // [H, G]: the product's right-hand side, row-major
   const float* wtp = wt.data_ptr<float>();
@@ -212,6 +227,22 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const std::optional<at
            : std::vector<din_gemm::Bf16>();
   std::vector<std::vector<din_gemm::Bf16>> hbuf(bf16_products ? std::max<int64_t>(1, at::get_num_threads()) : 0,
                                                 std::vector<din_gemm::Bf16>(bf16_products ? b0 * h : 0));
+  // proj: W_ih^T as a right-hand side (VNNI bf16 under bf16 products, else row-major float32), and per part its
+  // inputs' rows (in the products' type) and their projection (float32).
+  const int64_t in = proj ? proj->in : 0;
+  const int64_t slots = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<din_gemm::Bf16> wih_b;
+  std::vector<float> wih_f;
+  if (proj && bf16_products) {
+    wih_b = din_gemm::pack_vnni(in, g, [&](int64_t k, int64_t j) { return proj->w[j * in + k]; });
+  } else if (proj) {
+    wih_f.resize(in * g);
+    for (int64_t k = 0; k < in; ++k)
+      for (int64_t j = 0; j < g; ++j) wih_f[k * g + j] = proj->w[j * in + k];
+  }
+  std::vector<std::vector<din_gemm::Bf16>> xin_b(proj && bf16_products ? slots : 0, std::vector<din_gemm::Bf16>(b0 * in));
+  std::vector<std::vector<float>> xin_f(proj && !bf16_products ? slots : 0, std::vector<float>(b0 * in));
+  std::vector<std::vector<float>> xproj(proj ? slots : 0, std::vector<float>(b0 * g));
   const float* bhp = bias_hh ? bias_hh->data_ptr<float>() : nullptr;
   const float* attp = att ? att->data_ptr<float>() : nullptr;
   int64_t start = 0, prev_start = 0;
@@ -238,6 +269,22 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const std::optional<at
           }
         }
         const int64_t row = start + r0;
+        if (proj) {  // this part's x = W_ih x_in[rows], then the float32 step
+          float* xq = xproj[q].data();
+          if (bf16_products) {
+            din_gemm::Bf16* l = xin_b[q].data();
+            for (int64_t i = 0; i < rows; ++i) din_ops::store_row(proj->row(row + i), l + i * in, in);
+            din_gemm::gemm_rows_bf16(rows, g, in, l, in, wih_b.data(), xq, g, false);
+          } else {
+            float* l = xin_f[q].data();
+            for (int64_t i = 0; i < rows; ++i) std::memcpy(l + i * in, proj->row(row + i), sizeof(float) * in);
+            din_gemm::gemm_rows(rows, g, in, l, in, wih_f.data(), g, xq, g, false);
+          }
+          step_forward<M, float>(rows, h, xq, bx.data_ptr<float>(), hhp, hp, attp ? attp + row : nullptr,
+                                 sig.data_ptr<float>() + row * ns * h, cand.data_ptr<float>() + row * h,
+                                 hh_n.data_ptr<float>() + row * h, out.data_ptr<float>() + row * h);
+          continue;
+        }
         step_forward<M, T>(rows, h, xp + row * g, bx.data_ptr<float>(), hhp, hp,
                            attp ? attp + row : nullptr, sig.data_ptr<float>() + row * ns * h,
                            cand.data_ptr<float>() + row * h, hh_n.data_ptr<float>() + row * h,
@@ -341,10 +388,39 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const std::opt
 
 }  // namespace din_recurrence
 
+// The projection's inputs checked (weight_ih [G, I] float32; x_in [X, I] float32; x_rows [N] distinct int64 in
+// [0, X), or none and X = N).
+inline din_recurrence::Projection checked_projection(const at::Tensor& x_in, const std::optional<at::Tensor>& x_rows,
+                                                     const at::Tensor& weight_ih, int64_t gates, int64_t n_rows) {
+  din_recurrence::check_f32(x_in, "x_in");
+  din_recurrence::check_f32(weight_ih, "weight_ih");
+  TORCH_CHECK(x_in.dim() == 2 && weight_ih.dim() == 2 && weight_ih.size(0) == gates &&
+                  weight_ih.size(1) == x_in.size(1),
+              "packed recurrence: weight_ih must be [", gates, ", I] for x_in [X, I], got ", weight_ih.sizes(),
+              " and ", x_in.sizes());
+  din_recurrence::Projection p{x_in.data_ptr<float>(), nullptr, x_in.size(1), weight_ih.data_ptr<float>()};
+  if (x_rows) {
+    TORCH_CHECK(x_rows->scalar_type() == at::kLong && x_rows->dim() == 1 && x_rows->is_contiguous() &&
+                    x_rows->size(0) == n_rows,
+                "packed recurrence: x_rows must be a contiguous int64 [", n_rows, "], got ", x_rows->scalar_type(),
+                " ", x_rows->sizes());
+    p.rows = x_rows->data_ptr<int64_t>();
+    for (int64_t r = 0; r < n_rows; ++r)
+      TORCH_CHECK(p.rows[r] >= 0 && p.rows[r] < x_in.size(0), "packed recurrence: x_rows[", r, "] = ", p.rows[r],
+                  " is outside [0, ", x_in.size(0), ")");
+  } else {
+    TORCH_CHECK(x_in.size(0) == n_rows, "packed recurrence: x_in has ", x_in.size(0), " rows, the steps ", n_rows);
+  }
+  return p;
+}
+
+// x: [N, G] projected inputs (float32 or bfloat16) -- or, with weight_ih [G, I], x_in [X, I] float32 whose rows
+// x_rows (default: all, X = N) are projected inside the steps (Projection).
 inline std::vector<at::Tensor> recurrence_forward(at::Tensor x, std::optional<at::Tensor> att, at::Tensor weight_hh,
                                                   std::optional<at::Tensor> bias_hh,
                                                   std::optional<at::Tensor> input_bias, std::vector<int64_t> steps,
-                                                  int64_t mode, bool bf16_products) {
+                                                  int64_t mode, bool bf16_products, std::optional<at::Tensor> x_rows,
+                                                  std::optional<at::Tensor> weight_ih) {
   using namespace din_recurrence;
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() &&
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
@@ -354,17 +430,25 @@ inline std::vector<at::Tensor> recurrence_forward(at::Tensor x, std::optional<at
   if (bias_hh) check_f32(*bias_hh, "bias_hh");
   TORCH_CHECK(att.has_value() == (mode == kAugru || mode == kAgru),
               "packed recurrence: att is required by the augru / agru modes and not used by the others");
+  TORCH_CHECK(!x_rows || weight_ih, "packed recurrence: x_rows needs weight_ih");
+  const int64_t gates = ((mode == kAgru ? 1 : 2) + 1) * weight_hh.size(1);
+  std::optional<Projection> proj;
+  if (weight_ih)
+    proj = checked_projection(x, x_rows, *weight_ih, gates, std::accumulate(steps.begin(), steps.end(), int64_t{0}));
   if (input_bias) {
     check_f32(*input_bias, "input_bias");
-    TORCH_CHECK(input_bias->numel() == x.size(1), "packed recurrence: input_bias must have x's ", x.size(1),
-                " columns, got ", input_bias->numel());
+    TORCH_CHECK(input_bias->numel() == gates, "packed recurrence: input_bias must have ", gates, " values, got ",
+                input_bias->numel());
   }
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const bool bf16 = x.scalar_type() == at::kBFloat16 && !proj;
   TORCH_CHECK(!bf16_products || weight_hh.size(1) % 2 == 0, "packed recurrence: bf16 products need an even hidden ",
               "size, got ", weight_hh.size(1));
-#define DIN_RECURRENCE_FORWARD(M)                                                                              \
-  return bf16 ? forward_impl<M, c10::BFloat16>(x, att, weight_hh, bias_hh, input_bias, steps, bf16_products) \
-              : forward_impl<M, float>(x, att, weight_hh, bias_hh, input_bias, steps, bf16_products)
+  TORCH_CHECK(!bf16_products || !proj || proj->in % 2 == 0, "packed recurrence: bf16 products need an even input ",
+              "size with weight_ih, got ", proj ? proj->in : 0);
+  const Projection* pp = proj ? &*proj : nullptr;
+#define DIN_RECURRENCE_FORWARD(M)                                                                                   \
+  return bf16 ? forward_impl<M, c10::BFloat16>(x, att, weight_hh, bias_hh, input_bias, steps, bf16_products, pp) \
+              : forward_impl<M, float>(x, att, weight_hh, bias_hh, input_bias, steps, bf16_products, pp)
   switch (mode) {
     case kGru: DIN_RECURRENCE_FORWARD(kGru);
     case kAugru: DIN_RECURRENCE_FORWARD(kAugru);

@@ -13,9 +13,12 @@ from din_torchrec.modules.interest_evolution import packed_layout
 from din_torchrec.modules.recurrence import (
     MODES,
     NativePackedRecurrence,
+    NativeProjectedRecurrence,
     PackedRecurrence,
     _recurrence_function,
     packed_recurrence,
+    projected_recurrence,
+    projected_recurrence_reference,
 )
 from din_torchrec.ops import native
 from tests.modules.test_recurrence import _inputs, _loop
@@ -254,3 +257,129 @@ def test_bf16_products_need_an_even_hidden_size() -> None:
     torch.testing.assert_close(
         out, NativePackedRecurrence.apply(x, att, w, b, steps, "gru"), rtol=1e-5, atol=1e-6
     )
+
+
+def _projected_case(lengths: list[int], mode: str, hidden: int, inputs: int, with_rows: bool, seed: int):
+    """A random jagged batch for the projected recurrence: ``(steps, x_in, rows, w_ih, bias, att, w_hh, b_hh,
+    g)``; ``rows`` a permutation (the jagged-to-packed gather) or None (``x_in`` already packed)."""
+    torch.manual_seed(seed)
+    if sum(lengths) == 0:
+        lengths[0] = 1
+    layout = packed_layout(torch.tensor(lengths))
+    n = sum(lengths)
+    gates = (2 if mode == "agru" else 3) * hidden
+    x_in = torch.randn(n, inputs, requires_grad=True)
+    rows = layout.packed_index if with_rows else None
+    w_ih = (torch.randn(gates, inputs) / inputs**0.5).requires_grad_()
+    w_hh = (torch.randn(gates, hidden) / hidden**0.5).requires_grad_()
+    bias = torch.randn(gates, requires_grad=True)
+    b_hh = torch.randn(gates, requires_grad=True) if mode == "gru" else None
+    att = torch.rand(n, requires_grad=True) if mode in ("augru", "agru") else None
+    return layout.steps, x_in, rows, w_ih, bias, att, w_hh, b_hh, torch.randn(n, hidden)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 12), min_size=1, max_size=40),
+    mode=st.sampled_from(MODES),
+    hidden=st.sampled_from([2, 8, 16, 32]),
+    inputs=st.sampled_from([2, 6, 32]),
+    with_rows=st.booleans(),
+    bf16_products=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_projection_inside_the_kernel_equals_projecting_first(
+    lengths, mode, hidden, inputs, with_rows, bf16_products, seed
+) -> None:
+    """The input projection computed per step inside the kernel (NativeProjectedRecurrence) against the
+    projection as one float32-sum matmul, then PackedRecurrence: states and the gradients of x_in (scattered
+    back through ``rows``), both weights, both biases and the attention. float32: equal to rounding; bf16
+    products: the kernel also rounds x's gradient to bf16 before the projection's backward (as a bf16 matmul's
+    backward would) and the reference does not, hence bf16-step tolerances on x_in's and W_ih's gradients."""
+    steps, x_in, rows, w_ih, bias, att, w_hh, b_hh, g = _projected_case(
+        lengths, mode, hidden, inputs, with_rows, seed
+    )
+    params = [t for t in (x_in, w_ih, bias, att, w_hh, b_hh) if t is not None]
+
+    def run(fn):
+        out = fn(x_in, rows, w_ih, bias, att, w_hh, b_hh, steps, mode, bf16_products)
+        return out, torch.autograd.grad((out * g).sum(), params)
+
+    got, got_grads = run(NativeProjectedRecurrence.apply)
+    want, want_grads = run(projected_recurrence_reference)
+    tol = 1e-3 if bf16_products else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    for i, (a, e) in enumerate(zip(got_grads, want_grads)):
+        scale = 1 + float(e.abs().max())
+        rtol = 1e-2 if bf16_products else 1e-4
+        atol = (1e-2 if bf16_products and i < 2 else 1e-3 if bf16_products else 1e-5) * scale
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("mode", ["gru", "augru"])
+def test_projected_recurrence_dispatch_and_fallback(mode: str) -> None:
+    """Under bf16 autocast and in float32, CPU inputs take the kernel with the projection inside; float64 takes
+    the caller's projection and packed_recurrence (PyTorch's function) -- the same result. Bad rows are named."""
+    steps, x_in, rows, w_ih, bias, att, w_hh, b_hh, g = _projected_case(
+        [0, 1, 5, 9, 3] * 20, mode, 16, 8, True, 3
+    )
+
+    def call(x, wi, b, a, wh, bh, autocast=False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return projected_recurrence(
+                x,
+                rows,
+                wi,
+                b,
+                a,
+                wh,
+                bh,
+                steps,
+                mode,
+                project=lambda: x.index_select(0, rows) @ wi.t(),
+            )
+
+    args = (x_in, w_ih, bias, att, w_hh, b_hh)
+    out = call(*args)
+    assert out.grad_fn.name().startswith("NativeProjectedRecurrence")
+    out_bf16 = call(*args, autocast=True)
+    assert out_bf16.grad_fn.name().startswith("NativeProjectedRecurrence") and out_bf16.dtype == torch.float32
+    torch.testing.assert_close(out_bf16, out, rtol=0.0, atol=0.05)
+    out64 = call(*(None if t is None else t.double() for t in args))
+    assert not out64.grad_fn.name().startswith("NativeProjectedRecurrence")
+    torch.testing.assert_close(out.double(), out64, rtol=1e-5, atol=1e-5)
+    bad = rows.clone()
+    bad[3] = x_in.shape[0]
+    with pytest.raises(RuntimeError, match=r"x_rows\[3\] = .* is outside"):
+        NativeProjectedRecurrence.apply(x_in, bad, w_ih, bias, att, w_hh, b_hh, steps, mode)
+    with pytest.raises(ValueError, match="expected x_in .X, I. and weight_ih .G, I."):
+        projected_recurrence(
+            x_in, rows, w_ih[:, :-1], bias, att, w_hh, b_hh, steps, mode, project=lambda: None
+        )
+
+
+@pytest.mark.parametrize("bf16_products", [False, True])
+def test_projected_steps_split_over_threads_give_the_single_thread_result(bf16_products: bool) -> None:
+    """Each step part projects its own rows into its own scratch: states do not depend on the thread count."""
+    steps, x_in, rows, w_ih, bias, _, w_hh, b_hh, _ = _projected_case(
+        [int(v) for v in torch.randint(0, 40, (700,), generator=torch.Generator().manual_seed(1))],
+        "gru",
+        32,
+        32,
+        True,
+        11,
+    )
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(
+                NativeProjectedRecurrence.apply(
+                    x_in, rows, w_ih, bias, None, w_hh, b_hh, steps, "gru", bf16_products
+                )
+            )
+    finally:
+        torch.set_num_threads(before)
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=1e-6, atol=1e-6)
