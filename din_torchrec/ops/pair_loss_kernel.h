@@ -309,11 +309,14 @@ std::vector<at::Tensor> fused_impl(const at::Tensor& states, const at::Tensor& b
           float* __restrict__ gw = w.gw[k - 1].data();
           float* __restrict__ gb = w.gb[k - 2].data();  // the last hidden layer's bias
           const int64_t o = last_in;
+          // Layer 0's pre-activation gradient is kept in float32 (dzf) for its state half: written there
+          // directly when this is layer 0 (k == 2), as the hidden loop below does for its last layer.
+          float* dst = k == 2 ? w.dzf.data() : w.da.data();
           float gbl = 0.0f;
           for (int64_t r = 0; r < rows; ++r) {
             const float g = w.dl[r];
             const T* __restrict__ ar = a_last + r * o;
-            float* __restrict__ dr = w.da.data() + r * o;
+            float* __restrict__ dr = dst + r * o;
             gbl += g;
             for (int64_t c = 0; c < o; ++c) {
               const float a = din_ops::to_float(ar[c]);
@@ -324,20 +327,20 @@ std::vector<at::Tensor> fused_impl(const at::Tensor& states, const at::Tensor& b
             }
           }
           w.gb[k - 1][0] += gbl;
-          din_ops::store_row(w.da.data(), w.dz.data(), rows * o);
-          transpose_rows<T>(w.da.data(), w.dz.data(), w.dz_t.data(), rows, o, r2, w.words.data());
-          if (k == 2) std::copy(w.da.data(), w.da.data() + rows * o, w.dzf.data());
+          din_ops::store_row(dst, w.dz.data(), rows * o);
+          transpose_rows<T>(dst, w.dz.data(), w.dz_t.data(), rows, o, r2, w.words.data());
         }
         // Hidden layers k - 2 .. 1: weight gradient, then the gradient of the layer below's pre-activation.
         for (int64_t j = k - 2; j >= 1; --j) {
           const int64_t in = width[j - 1], o = width[j];
           const T* a_b = as_b<T>(w.act[j - 1].data(), w.act_b, rows, in);
           mm<T>(o, in, rows, w.dz_t.data(), r2, a_b, w.gw[j].data(), in, true);
-          mm<T>(rows, in, o, w.dz.data(), o, bb_mid[j].data(), w.da.data(), in, false);
+          float* dst = j == 1 ? w.dzf.data() : w.da.data();  // layer 0's gradient stays in dzf (see above)
+          mm<T>(rows, in, o, w.dz.data(), o, bb_mid[j].data(), dst, in, false);
           float* __restrict__ gb = w.gb[j - 1].data();
           for (int64_t r = 0; r < rows; ++r) {
             const T* __restrict__ ar = w.act[j - 1].data() + r * in;
-            float* __restrict__ dr = w.da.data() + r * in;
+            float* __restrict__ dr = dst + r * in;
             for (int64_t c = 0; c < in; ++c) {
               const float av = din_ops::to_float(ar[c]);
               const float v = dr[c] * av * (1.0f - av);
@@ -345,9 +348,8 @@ std::vector<at::Tensor> fused_impl(const at::Tensor& states, const at::Tensor& b
               dr[c] = v;
             }
           }
-          din_ops::store_row(w.da.data(), w.dz.data(), rows * in);
-          transpose_rows<T>(w.da.data(), w.dz.data(), w.dz_t.data(), rows, in, r2, w.words.data());
-          if (j == 1) std::copy(w.da.data(), w.da.data() + rows * in, w.dzf.data());
+          din_ops::store_row(dst, w.dz.data(), rows * in);
+          transpose_rows<T>(dst, w.dz.data(), w.dz_t.data(), rows, in, r2, w.words.data());
         }
         // Layer 0 (dz holds its pre-activation's gradient, [rows, L0]): the behaviour half of the weight
         // gradient over all rows; the state half from the two halves' sum ds (both scored rows share the state).
