@@ -217,6 +217,24 @@ class PackedRecurrence(torch.autograd.Function):
         return dx, datt, dweight, dbias, None, None, (dx.sum(0) if ctx.has_input_bias else None), None
 
 
+def _kernel_backward(ctx, grad_out: torch.Tensor, saved: tuple, bf16_x: bool) -> list[torch.Tensor]:
+    """The C++ recurrence backward for :class:`NativePackedRecurrence` / :class:`NativeProjectedRecurrence`:
+    ``saved = (att, weight_hh, out, sig, cand, hh_n)``; ``[dx, datt, dweight_hh, dbias_hh, dinput_bias]``, dx
+    in bf16 when ``bf16_x``."""
+    mod = native.kernels()
+    assert mod is not None
+    return mod.recurrence_backward(
+        grad_out.float().contiguous(),
+        *saved,
+        ctx.steps,
+        ctx.code,
+        ctx.has_bias,
+        ctx.has_input_bias,
+        bf16_x,
+        ctx.bf16_products,
+    )
+
+
 class NativePackedRecurrence(torch.autograd.Function):
     """:class:`PackedRecurrence` through the C++ kernel (same arguments and result; CPU tensors, float32 but
     for ``x``, which may also be bfloat16: the kernel widens it as it reads it and returns its gradient in
@@ -260,24 +278,8 @@ class NativePackedRecurrence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        att, w, out, sig, cand, hh_n = ctx.saved_tensors
-        mod = native.kernels()
-        assert mod is not None
-        dx, datt, dweight, dbias, dinput_bias = mod.recurrence_backward(
-            grad_out.float().contiguous(),
-            att,
-            w,
-            out,
-            sig,
-            cand,
-            hh_n,
-            ctx.steps,
-            ctx.code,
-            ctx.has_bias,
-            ctx.has_input_bias,
-            ctx.bf16_x,
-            ctx.bf16_products,
-        )
+        att = ctx.saved_tensors[0]
+        dx, datt, dweight, dbias, dinput_bias = _kernel_backward(ctx, grad_out, ctx.saved_tensors, ctx.bf16_x)
         return (
             dx,
             (datt if att is not None else None),
@@ -430,25 +432,11 @@ class NativeProjectedRecurrence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        x_in, rows, w_ih, att, w, out, sig, cand, hh_n = ctx.saved_tensors
+        x_in, rows, w_ih, att = ctx.saved_tensors[:4]
         mod = native.kernels()
         assert mod is not None
         bf16 = ctx.bf16_products  # x's gradient in bf16, as the linear kernel's bf16 backward takes it
-        dx, datt, dweight, dbias, dinput_bias = mod.recurrence_backward(
-            grad_out.float().contiguous(),
-            att,
-            w,
-            out,
-            sig,
-            cand,
-            hh_n,
-            ctx.steps,
-            ctx.code,
-            ctx.has_bias,
-            ctx.has_input_bias,
-            bf16,
-            bf16,
-        )
+        dx, datt, dweight, dbias, dinput_bias = _kernel_backward(ctx, grad_out, ctx.saved_tensors[3:], bf16)
         need_dx, _, need_dw = ctx.needs_input_grad[:3]
         if bf16:  # reads x_in's rows by index and scatters their gradient back itself
             dx_in, dweight_ih, _, _ = mod.linear_backward(
