@@ -50,6 +50,34 @@ inline float sigmoid(float z) {
   return 1.0f / (1.0f + exp_fast(-z));
 }
 
+// e^x to 7.5e-5 relative, for values rounded to bf16 right after (half a bf16 step is 2^-9 = 2e-3, 26x more):
+// exp_fast with 2^f by its degree-3 minimax polynomial (weighted least squares with Lawson's iterations on
+// [-1/2, 1/2]; float32 evaluation checked on 200k points). A bf16 result then differs from the exact one's
+// rounding for ~2 % of values, by one step. Measured: DIEN's auxiliary kernel 13.85 -> 13.37 ms, its sigmoids
+// being most of its element-wise time.
+inline float exp_bf16(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float t = x * 1.44269504088896341f;
+  const float n = std::nearbyint(t);
+  const float f = t - n;
+  float p = 5.517166681468173e-2f;
+  p = p * f + 2.426111350945239e-1f;
+  p = p * f + 6.932609870111998e-1f;
+  p = p * f + 9.999280727914251e-1f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits += static_cast<int32_t>(n) * (1 << 23);
+  std::memcpy(&p, &bits, sizeof(p));
+  return p;
+}
+
+// sigmoid of a value whose result is stored as T: through exp_bf16 when T is bf16, else sigmoid's full precision.
+template <typename T>
+inline float sigmoid_for(float z) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return 1.0f / (1.0f + exp_bf16(-z));
+  else return sigmoid(z);
+}
+
 // 16 floats as one value (GCC / Clang vector extension: one AVX-512 register, two AVX2 ones): an accumulator
 // that stays in a register across a loop. Accumulating in memory instead (acc[d] += ... per step) chains every
 // step through a store and a reload: the attention's first layer took 2.6 ms on [25.6k, 32] -> 80 that way and

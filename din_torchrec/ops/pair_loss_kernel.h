@@ -12,7 +12,8 @@
 // micro-kernel takes (row-major for a left-hand side; for a right-hand side, row-major in float32 and pairs of
 // rows interleaved -- "VNNI" -- in bf16). The pre-activations, logits and every sum stay float32; the
 // activations, and the gradients fed into products, are rounded to the compute type (bf16 under autocast) as a
-// bf16 matmul's operands are.
+// bf16 matmul's operands are; under bf16 the hidden activations' sigmoids are computed to that precision only
+// (kernel_math.h: sigmoid_for / exp_bf16), the loss's own sigmoid in full.
 //
 // Only target rows (mask != 0) are scored, in blocks of kBlock of them (their states, behaviours and negatives
 // read by row); the other rows' gradients are zero.
@@ -269,7 +270,7 @@ std::vector<at::Tensor> fused_impl(const at::Tensor& states, const at::Tensor& b
           for (int64_t r = 0; r < rows; ++r) {
             const float* __restrict__ sr = w.s.data() + (r % half) * l0;
             float* __restrict__ zr = w.z.data() + r * l0;
-            for (int64_t c = 0; c < l0; ++c) zr[c] = sigmoid(zr[c] + sr[c] + b0[c]);
+            for (int64_t c = 0; c < l0; ++c) zr[c] = din_ops::sigmoid_for<T>(zr[c] + sr[c] + b0[c]);
           }
           din_ops::store_row(w.z.data(), w.act[0].data(), rows * l0);
         }
@@ -279,7 +280,7 @@ std::vector<at::Tensor> fused_impl(const at::Tensor& states, const at::Tensor& b
           const float* __restrict__ bj = bf[j].data_ptr<float>();
           for (int64_t r = 0; r < rows; ++r) {
             float* __restrict__ zr = w.z.data() + r * o;
-            for (int64_t c = 0; c < o; ++c) zr[c] = sigmoid(zr[c] + bj[c]);
+            for (int64_t c = 0; c < o; ++c) zr[c] = din_ops::sigmoid_for<T>(zr[c] + bj[c]);
           }
           din_ops::store_row(w.z.data(), w.act[j].data(), rows * o);
         }
