@@ -374,3 +374,45 @@ def test_forward_does_not_depend_on_the_thread_count(pooling: str) -> None:
     assert outs[0].abs().sum() > 0
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
+
+
+@needs_kernel
+def test_small_and_large_tables_update_rows_identically() -> None:
+    """The backward keeps its distinct rows in a direct array when the tables hold at most 4 rows per lookup,
+    else in a hash table: the same lookups of the first 300 rows of a 300-row table (direct array) and of a
+    1,000,000-row table (hash table) update those rows' weights and momentum bit for bit alike, in the order of
+    their lookups; the big table's other rows are untouched."""
+    g = torch.Generator().manual_seed(3)
+    n = 2000
+    ids = (torch.rand(n, generator=g) ** 2 * 300).long()
+    offsets = torch.arange(0, n + 1, 4)
+    grad = torch.randn(n, 16, generator=g)
+    results = []
+    for rows in (300, 1_000_000):
+        assert (rows <= 4 * n) == (rows == 300)  # one case on each side of the switch
+        m = _module([rows], [0], 16, False, 1, 0)
+        with torch.no_grad():
+            m.weights_host.zero_()
+            m.weights_host[: 300 * 16].copy_(torch.linspace(-1, 1, 300 * 16))
+            m.momentum1_host.fill_(0.5)
+        w, mom = m.weights_host.detach().clone(), m.momentum1_host.detach().clone()
+        native.kernels().nobag_rowwise_adagrad_backward(
+            grad,
+            w,
+            m.weights_offsets,
+            16,
+            m.hash_size_cumsum,
+            ids,
+            offsets,
+            mom,
+            m.momentum1_offsets,
+            0.3,
+            1e-3,
+            0.05,
+            1,
+        )
+        results.append((w, mom))
+    (w_small, m_small), (w_big, m_big) = results
+    assert not torch.equal(w_small[: 300 * 16], torch.linspace(-1, 1, 300 * 16))
+    assert torch.equal(w_small, w_big[: 300 * 16]) and torch.equal(m_small, m_big[:300])
+    assert not w_big[300 * 16 :].any() and bool((m_big[300:] == 0.5).all())
