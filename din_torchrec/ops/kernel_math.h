@@ -21,28 +21,35 @@ namespace din_ops {
 template <typename T>
 inline float to_float(T v) { return static_cast<float>(v); }
 
-// e^x for x in [-87, 88] (clamped there), to a few float32 ulps (relative error < 1e-6): x log2(e) split into
-// an integer n and f in [-1/2, 1/2], 2^f by its degree-6 minimax polynomial, n added to the exponent bits.
-// Why not std::exp: the kernels spend most of their element-wise time in sigmoids (DIEN: ~15M per training
-// step), and libmvec's vectorised expf, which GCC calls for std::exp under -ffast-math, made a sigmoid cost
-// 0.235 ns against 0.155 ns this way (measured, 64k floats in L1; sigmoid values within 7e-7 relative).
-inline float exp_fast(float x) {
+// e^x for x in [-87, 88] (clamped there): x log2(e) split into an integer n and f in [-1/2, 1/2], 2^f by the
+// polynomial poly(f) (Horner), n added to the exponent bits. exp_fast and exp_bf16 differ in the polynomial.
+template <typename Poly>
+inline float exp2_split(float x, Poly poly) {
   x = std::min(std::max(x, -87.0f), 88.0f);
   const float t = x * 1.44269504088896341f;
   const float n = std::nearbyint(t);
-  const float f = t - n;
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
+  float p = poly(t - n);
   int32_t bits;
   std::memcpy(&bits, &p, sizeof(bits));
   bits += static_cast<int32_t>(n) * (1 << 23);
   std::memcpy(&p, &bits, sizeof(p));
   return p;
+}
+
+// e^x to a few float32 ulps (relative error < 1e-6): 2^f by its degree-6 minimax polynomial.
+// Why not std::exp: the kernels spend most of their element-wise time in sigmoids (DIEN: ~15M per training
+// step), and libmvec's vectorised expf, which GCC calls for std::exp under -ffast-math, made a sigmoid cost
+// 0.235 ns against 0.155 ns this way (measured, 64k floats in L1; sigmoid values within 7e-7 relative).
+inline float exp_fast(float x) {
+  return exp2_split(x, [](float f) {
+    float p = 1.535336188319500e-4f;
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    return p * f + 1.0f;
+  });
 }
 
 inline float sigmoid(float z) {
@@ -51,24 +58,17 @@ inline float sigmoid(float z) {
 }
 
 // e^x to 7.5e-5 relative, for values rounded to bf16 right after (half a bf16 step is 2^-9 = 2e-3, 26x more):
-// exp_fast with 2^f by its degree-3 minimax polynomial (weighted least squares with Lawson's iterations on
-// [-1/2, 1/2]; float32 evaluation checked on 200k points). A bf16 result then differs from the exact one's
-// rounding for ~2 % of values, by one step. Measured: DIEN's auxiliary kernel 13.85 -> 13.37 ms, its sigmoids
-// being most of its element-wise time.
+// 2^f by its degree-3 minimax polynomial (weighted least squares with Lawson's iterations on [-1/2, 1/2];
+// float32 evaluation checked on 200k points). A bf16 result then differs from the exact one's rounding for ~2 %
+// of values, by one step. Measured: DIEN's auxiliary kernel 13.85 -> 13.37 ms, its sigmoids being most of its
+// element-wise time.
 inline float exp_bf16(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float t = x * 1.44269504088896341f;
-  const float n = std::nearbyint(t);
-  const float f = t - n;
-  float p = 5.517166681468173e-2f;
-  p = p * f + 2.426111350945239e-1f;
-  p = p * f + 6.932609870111998e-1f;
-  p = p * f + 9.999280727914251e-1f;
-  int32_t bits;
-  std::memcpy(&bits, &p, sizeof(bits));
-  bits += static_cast<int32_t>(n) * (1 << 23);
-  std::memcpy(&p, &bits, sizeof(p));
-  return p;
+  return exp2_split(x, [](float f) {
+    float p = 5.517166681468173e-2f;
+    p = p * f + 2.426111350945239e-1f;
+    p = p * f + 6.932609870111998e-1f;
+    return p * f + 9.999280727914251e-1f;
+  });
 }
 
 // sigmoid to bf16 precision (exp_bf16): the relative errors of s and of 1 - s stay below 7.5e-5.

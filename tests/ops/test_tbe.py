@@ -197,6 +197,28 @@ def test_out_of_range_id_names_the_feature() -> None:
         torch.testing.assert_close(c, a)  # checked before any update
 
 
+def _native_backward_copy(m, grad: torch.Tensor, ids: torch.Tensor, off: torch.Tensor):
+    """Weights and momentum after the native backward (lr 0.3, eps 1e-3, weight decay 0.05 in mode 1) on copies of
+    ``m``'s, which stay as they were."""
+    w, mom = m.weights_host.detach().clone(), m.momentum1_host.detach().clone()
+    native.kernels().nobag_rowwise_adagrad_backward(
+        grad,
+        w,
+        m.weights_offsets,
+        16,
+        m.hash_size_cumsum,
+        ids,
+        off,
+        mom,
+        m.momentum1_offsets,
+        0.3,
+        1e-3,
+        0.05,
+        1,
+    )
+    return w, mom
+
+
 @needs_kernel
 def test_result_does_not_depend_on_the_thread_count() -> None:
     """Enough lookups for one hash partition per thread: 1, 2 and 3 threads give bit-identical weights and
@@ -209,23 +231,7 @@ def test_result_does_not_depend_on_the_thread_count() -> None:
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            w, mom = m.weights_host.detach().clone(), m.momentum1_host.detach().clone()
-            native.kernels().nobag_rowwise_adagrad_backward(
-                grad,
-                w,
-                m.weights_offsets,
-                16,
-                m.hash_size_cumsum,
-                ids,
-                off,
-                mom,
-                m.momentum1_offsets,
-                0.3,
-                1e-3,
-                0.05,
-                1,
-            )
-            results.append((w, mom))
+            results.append(_native_backward_copy(m, grad, ids, off))
     finally:
         torch.set_num_threads(threads)
     assert not torch.equal(results[0][0], m.weights_host.detach())
@@ -385,7 +391,7 @@ def test_small_and_large_tables_update_rows_identically() -> None:
     g = torch.Generator().manual_seed(3)
     n = 2000
     ids = (torch.rand(n, generator=g) ** 2 * 300).long()
-    offsets = torch.arange(0, n + 1, 4)
+    off = torch.arange(0, n + 1, 4)
     grad = torch.randn(n, 16, generator=g)
     results = []
     for rows in (300, 1_000_000):
@@ -395,23 +401,7 @@ def test_small_and_large_tables_update_rows_identically() -> None:
             m.weights_host.zero_()
             m.weights_host[: 300 * 16].copy_(torch.linspace(-1, 1, 300 * 16))
             m.momentum1_host.fill_(0.5)
-        w, mom = m.weights_host.detach().clone(), m.momentum1_host.detach().clone()
-        native.kernels().nobag_rowwise_adagrad_backward(
-            grad,
-            w,
-            m.weights_offsets,
-            16,
-            m.hash_size_cumsum,
-            ids,
-            offsets,
-            mom,
-            m.momentum1_offsets,
-            0.3,
-            1e-3,
-            0.05,
-            1,
-        )
-        results.append((w, mom))
+        results.append(_native_backward_copy(m, grad, ids, off))
     (w_small, m_small), (w_big, m_big) = results
     assert not torch.equal(w_small[: 300 * 16], torch.linspace(-1, 1, 300 * 16))
     assert torch.equal(w_small, w_big[: 300 * 16]) and torch.equal(m_small, m_big[:300])
