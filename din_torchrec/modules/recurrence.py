@@ -297,6 +297,17 @@ def _recurrence_function(x: torch.Tensor) -> type[torch.autograd.Function]:
     return NativePackedRecurrence if native.usable(x, (torch.float32, torch.bfloat16)) else PackedRecurrence
 
 
+def _bf16_products(device_type: str, *sizes: int) -> bool:
+    """Whether the per-step products take bf16 operands: on the CPU under bf16 autocast, with every product
+    width in ``sizes`` even (the micro-kernel's bf16 right-hand sides pair rows)."""
+    return (
+        device_type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and all(n % 2 == 0 for n in sizes)
+    )
+
+
 def _check_arguments(
     x_shape: tuple[int, ...],
     att: torch.Tensor | None,
@@ -355,12 +366,7 @@ def packed_recurrence(
     if x.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(x.device.type):
         # The recurrence accumulates over up to T steps: it runs in float32 under mixed precision (the
         # buffers are allocated in float32, so autocast must not change the dtype of the ops inside).
-        bf16_products = (
-            x.device.type == "cpu"
-            and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16
-            and hidden % 2 == 0
-        )
+        bf16_products = _bf16_products(x.device.type, hidden)
         if not (x.dtype == torch.bfloat16 and _recurrence_function(x) is NativePackedRecurrence):
             x = x.float()
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -528,7 +534,7 @@ def projected_recurrence(
     )
     if not fused:
         return packed_recurrence(project(), att, weight_hh, bias_hh, steps, mode, input_bias)
-    bf16_products = bf16_autocast and hidden % 2 == 0 and x_in.shape[1] % 2 == 0
+    bf16_products = _bf16_products(x_in.device.type, hidden, x_in.shape[1])
     with torch.autocast(device_type="cpu", enabled=False):
         return NativeProjectedRecurrence.apply(
             x_in,

@@ -82,20 +82,19 @@ inline const Bf16* x_block(const In* src, int64_t m, int64_t k, int64_t ld, int6
   return buf.data();
 }
 
-// rows [M] int64: distinct rows of an [x_rows, *] x, or none: checked, as a contiguous int64 tensor.
-inline at::Tensor checked_rows(const std::optional<at::Tensor>& rows, int64_t x_rows) {
+// rows [M] int64: distinct rows of an [x_rows, *] x, or none: checked, as a contiguous int64 tensor; `name`
+// prefixes the errors (the recurrence's projection checks its x_rows with it too).
+inline at::Tensor checked_rows(const std::optional<at::Tensor>& rows, int64_t x_rows,
+                               const char* name = "native linear: rows") {
   if (!rows) return at::Tensor();
-  TORCH_CHECK(rows->scalar_type() == at::kLong && rows->dim() == 1 && rows->size(0) <= x_rows,
-              "native linear: rows must be int64 [M <= ", x_rows, "], got ", rows->scalar_type(), " ",
-              rows->sizes());
+  TORCH_CHECK(rows->scalar_type() == at::kLong && rows->dim() == 1 && rows->size(0) <= x_rows, name,
+              " must be int64 [M <= ", x_rows, "], got ", rows->scalar_type(), " ", rows->sizes());
   at::Tensor idx = rows->contiguous();
   const int64_t* ip = idx.data_ptr<int64_t>();
   std::vector<uint8_t> seen(x_rows, 0);
   for (int64_t r = 0; r < idx.size(0); ++r) {
-    TORCH_CHECK(ip[r] >= 0 && ip[r] < x_rows, "native linear: rows[", r, "] = ", ip[r], " is outside [0, ", x_rows,
-                ")");
-    TORCH_CHECK(!seen[ip[r]], "native linear: rows[", r, "] = ", ip[r], " repeats an earlier row (rows must be ",
-                "distinct)");
+    TORCH_CHECK(ip[r] >= 0 && ip[r] < x_rows, name, "[", r, "] = ", ip[r], " is outside [0, ", x_rows, ")");
+    TORCH_CHECK(!seen[ip[r]], name, "[", r, "] = ", ip[r], " repeats an earlier row (rows must be distinct)");
     seen[ip[r]] = 1;
   }
   return idx;

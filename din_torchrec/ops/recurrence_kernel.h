@@ -25,6 +25,7 @@
 #include <c10/util/BFloat16.h>
 
 #include "kernel_math.h"
+#include "linear_kernel.h"
 #include "small_gemm.h"
 
 #include <cmath>
@@ -218,28 +219,31 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const std::optional<at
   const at::Tensor bx = input_bias ? *input_bias : at::zeros({g}, f32);
   const T* xp = proj ? nullptr : x.data_ptr<T>();
   const at::Tensor zeros = at::zeros({b0 * h}, f32);  // the state before step 0
-  const at::Tensor wt = weight_hh.t().contiguous();      // [H, G]: the product's right-hand side, row-major
-  const float* wtp = wt.data_ptr<float>();
-  // bf16 products: U^T as a VNNI right-hand side, and per part a bf16 copy of its previous states.
-  const float* wp = weight_hh.data_ptr<float>();
-  const std::vector<din_gemm::Bf16> wt_vnni =
-      bf16_products ? din_gemm::pack_vnni(h, g, [&](int64_t k, int64_t j) { return wp[j * h + k]; })
-           : std::vector<din_gemm::Bf16>();
+  // A [G, K] weight's transpose [K, G] as a product's right-hand side: VNNI bf16 under bf16 products, else
+  // row-major float32 (only that one is filled). U^T, and with proj W_ih^T.
+  struct Rhs {
+    std::vector<din_gemm::Bf16> b;
+    std::vector<float> f;
+  };
+  auto transposed = [&](const float* w, int64_t k) {
+    Rhs r;
+    if (bf16_products) {
+      r.b = din_gemm::pack_vnni(k, g, [&](int64_t i, int64_t j) { return w[j * k + i]; });
+    } else {
+      r.f.resize(k * g);
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t j = 0; j < g; ++j) r.f[i * g + j] = w[j * k + i];
+    }
+    return r;
+  };
+  const Rhs u_t = transposed(weight_hh.data_ptr<float>(), h);
+  const Rhs wih_t = proj ? transposed(proj->w, proj->in) : Rhs{};
+  // bf16 products: per part a bf16 copy of its previous states.
   std::vector<std::vector<din_gemm::Bf16>> hbuf(bf16_products ? std::max<int64_t>(1, at::get_num_threads()) : 0,
                                                 std::vector<din_gemm::Bf16>(bf16_products ? b0 * h : 0));
-  // proj: W_ih^T as a right-hand side (VNNI bf16 under bf16 products, else row-major float32), and per part its
-  // inputs' rows (in the products' type) and their projection (float32).
+  // proj: per part its inputs' rows (in the products' type) and their projection (float32).
   const int64_t in = proj ? proj->in : 0;
   const int64_t slots = std::max<int64_t>(1, at::get_num_threads());
-  std::vector<din_gemm::Bf16> wih_b;
-  std::vector<float> wih_f;
-  if (proj && bf16_products) {
-    wih_b = din_gemm::pack_vnni(in, g, [&](int64_t k, int64_t j) { return proj->w[j * in + k]; });
-  } else if (proj) {
-    wih_f.resize(in * g);
-    for (int64_t k = 0; k < in; ++k)
-      for (int64_t j = 0; j < g; ++j) wih_f[k * g + j] = proj->w[j * in + k];
-  }
   std::vector<std::vector<din_gemm::Bf16>> xin_b(proj && bf16_products ? slots : 0, std::vector<din_gemm::Bf16>(b0 * in));
   std::vector<std::vector<float>> xin_f(proj && !bf16_products ? slots : 0, std::vector<float>(b0 * in));
   std::vector<std::vector<float>> xproj(proj ? slots : 0, std::vector<float>(b0 * g));
@@ -263,9 +267,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const std::optional<at
           if (bf16_products) {  // U h (+ b_hh) on bf16 operands, float32 sums
             din_gemm::Bf16* hb = hbuf[q].data();
             din_ops::store_row(hp, hb, rows * h);
-            din_gemm::gemm_rows_bf16(rows, g, h, hb, h, wt_vnni.data(), hhp, g, true);
+            din_gemm::gemm_rows_bf16(rows, g, h, hb, h, u_t.b.data(), hhp, g, true);
           } else {
-            din_gemm::gemm_rows(rows, g, h, hp, h, wtp, g, hhp, g, true);  // U h (+ b_hh)
+            din_gemm::gemm_rows(rows, g, h, hp, h, u_t.f.data(), g, hhp, g, true);  // U h (+ b_hh)
           }
         }
         const int64_t row = start + r0;
@@ -274,11 +278,11 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const std::optional<at
           if (bf16_products) {
             din_gemm::Bf16* l = xin_b[q].data();
             for (int64_t i = 0; i < rows; ++i) din_ops::store_row(proj->row(row + i), l + i * in, in);
-            din_gemm::gemm_rows_bf16(rows, g, in, l, in, wih_b.data(), xq, g, false);
+            din_gemm::gemm_rows_bf16(rows, g, in, l, in, wih_t.b.data(), xq, g, false);
           } else {
             float* l = xin_f[q].data();
             for (int64_t i = 0; i < rows; ++i) std::memcpy(l + i * in, proj->row(row + i), sizeof(float) * in);
-            din_gemm::gemm_rows(rows, g, in, l, in, wih_f.data(), g, xq, g, false);
+            din_gemm::gemm_rows(rows, g, in, l, in, wih_t.f.data(), g, xq, g, false);
           }
           step_forward<M, float>(rows, h, xq, bx.data_ptr<float>(), hhp, hp, attp ? attp + row : nullptr,
                                  sig.data_ptr<float>() + row * ns * h, cand.data_ptr<float>() + row * h,
@@ -389,7 +393,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const std::opt
 }  // namespace din_recurrence
 
 // The projection's inputs checked (weight_ih [G, I] float32; x_in [X, I] float32; x_rows [N] distinct int64 in
-// [0, X), or none and X = N).
+// [0, X) -- the linear kernel's checked_rows --, or none and X = N). x_rows must outlive the returned Projection.
 inline din_recurrence::Projection checked_projection(const at::Tensor& x_in, const std::optional<at::Tensor>& x_rows,
                                                      const at::Tensor& weight_ih, int64_t gates, int64_t n_rows) {
   din_recurrence::check_f32(x_in, "x_in");
@@ -400,14 +404,10 @@ inline din_recurrence::Projection checked_projection(const at::Tensor& x_in, con
               " and ", x_in.sizes());
   din_recurrence::Projection p{x_in.data_ptr<float>(), nullptr, x_in.size(1), weight_ih.data_ptr<float>()};
   if (x_rows) {
-    TORCH_CHECK(x_rows->scalar_type() == at::kLong && x_rows->dim() == 1 && x_rows->is_contiguous() &&
-                    x_rows->size(0) == n_rows,
-                "packed recurrence: x_rows must be a contiguous int64 [", n_rows, "], got ", x_rows->scalar_type(),
-                " ", x_rows->sizes());
+    TORCH_CHECK(x_rows->is_contiguous() && x_rows->dim() == 1 && x_rows->size(0) == n_rows,
+                "packed recurrence: x_rows must be a contiguous [", n_rows, "], got ", x_rows->sizes());
+    din_linear::checked_rows(x_rows, x_in.size(0), "packed recurrence: x_rows");
     p.rows = x_rows->data_ptr<int64_t>();
-    for (int64_t r = 0; r < n_rows; ++r)
-      TORCH_CHECK(p.rows[r] >= 0 && p.rows[r] < x_in.size(0), "packed recurrence: x_rows[", r, "] = ", p.rows[r],
-                  " is outside [0, ", x_in.size(0), ")");
   } else {
     TORCH_CHECK(x_in.size(0) == n_rows, "packed recurrence: x_in has ", x_in.size(0), " rows, the steps ", n_rows);
   }

@@ -352,6 +352,9 @@ def test_projected_recurrence_dispatch_and_fallback(mode: str) -> None:
     bad[3] = x_in.shape[0]
     with pytest.raises(RuntimeError, match=r"x_rows\[3\] = .* is outside"):
         NativeProjectedRecurrence.apply(x_in, bad, w_ih, bias, att, w_hh, b_hh, steps, mode)
+    bad[3] = rows[2]
+    with pytest.raises(RuntimeError, match=r"x_rows\[3\] = .* repeats an earlier row"):
+        NativeProjectedRecurrence.apply(x_in, bad, w_ih, bias, att, w_hh, b_hh, steps, mode)
     with pytest.raises(ValueError, match="expected x_in .X, I. and weight_ih .G, I."):
         projected_recurrence(
             x_in, rows, w_ih[:, :-1], bias, att, w_hh, b_hh, steps, mode, project=lambda: None
