@@ -110,6 +110,10 @@ def experiment_config(s: CompareSettings, model: str, out_dir: Path):
     cfg.data.generator = g
     cfg.data.max_history = s.history
     cfg.data.batch_size = s.batch
+    # DeepCTR-Torch trains on numpy arrays loaded before its clock starts; here the rows are read and checked
+    # into memory when the Trainer is built (data.cache_in_memory), and each epoch shuffles, batches and
+    # samples negatives from there, on the clock.
+    cfg.data.cache_in_memory = True
     cfg.features.embedding_dim = s.dim
     cfg.features.sequence = [
         SequenceTableConfig("item", g.num_items + 1, "target_item_id", "hist_item_ids"),

@@ -300,6 +300,7 @@ class ReferencedBehaviorReader(BehaviorReader):
         read_chunk_rows: int = 65536,
         negatives: NegativeSampler | None = None,
         histories: str | Path | Histories | None = None,
+        cache_in_memory: bool = False,
     ) -> None:
         super().__init__(
             path,
@@ -316,6 +317,7 @@ class ReferencedBehaviorReader(BehaviorReader):
             reg_mode=reg_mode,
             read_chunk_rows=read_chunk_rows,
             negatives=negatives,
+            cache_in_memory=cache_in_memory,
         )
         if isinstance(histories, Histories):
             self.histories = histories

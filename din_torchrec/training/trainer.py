@@ -201,6 +201,7 @@ def make_reader(
             reg_mode=cfg.training.regularization.mode,
             read_chunk_rows=d.read_chunk_rows,
             negatives=negatives,
+            cache_in_memory=d.cache_in_memory,
         )
     return open_reader(
         d.resolve(d.eval_path),
@@ -215,6 +216,7 @@ def make_reader(
         pad_last=True,
         read_chunk_rows=d.read_chunk_rows,
         negatives=negatives,
+        cache_in_memory=d.cache_in_memory,
     )
 
 
@@ -327,6 +329,14 @@ class Trainer:
         self.frequencies = load_frequencies(freq_path, cfg.features) if reg.coefficient > 0 else None
         self.train_reader = make_reader(cfg, self.env, "train", self.frequencies)
         self.eval_reader = make_reader(cfg, self.env, "eval", None)
+        if cfg.data.cache_in_memory:
+            # Read and checked now, before any step: the epochs then batch from memory.
+            t0 = time.perf_counter()
+            held = self.train_reader.load() + self.eval_reader.load()
+            self._log(
+                f"data.cache_in_memory: {self.train_reader.num_rows + self.eval_reader.num_rows:,} rows in "
+                f"memory ({held / 2**20:,.0f} MiB, {time.perf_counter() - t0:.1f} s)"
+            )
         model = build_model(cfg, device=self.env.device if self.env.device.type != "cpu" else None)
         native.set_enabled(cfg.training.native_kernels)
         if cfg.training.native_kernels and self.env.device.type == "cpu":

@@ -683,3 +683,90 @@ def test_kjt_matches_from_lengths_sync(tmp_path: Path) -> None:
     assert seq.offset_per_key() == ref.offset_per_key()
     for key in seq.keys():
         torch.testing.assert_close(seq[key].values(), ref[key].values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In-memory cache
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _assert_same_batches(a: list[Batch], b: list[Batch], where: str) -> None:
+    assert len(a) == len(b), f"{where}: {len(a)} vs {len(b)} batches"
+    for i, (x, y) in enumerate(zip(a, b)):
+        for kjt in ("sequence_features", "profile_features"):
+            u, v = getattr(x, kjt), getattr(y, kjt)
+            assert u.keys() == v.keys(), f"{where} batch {i}: {kjt} keys"
+            assert torch.equal(u.values(), v.values()) and torch.equal(u.lengths(), v.lengths()), (
+                f"{where} batch {i}: {kjt}"
+            )
+        for f in ("labels", "user_ids", "hist_timestamps", "hist_lengths", "target_timestamps", "valid"):
+            assert torch.equal(getattr(x, f), getattr(y, f)), f"{where} batch {i}: {f}"
+        assert x.reg_weights.keys() == y.reg_weights.keys(), f"{where} batch {i}: reg_weights keys"
+        for k in x.reg_weights:
+            assert torch.equal(x.reg_weights[k], y.reg_weights[k]), f"{where} batch {i}: reg_weights[{k}]"
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_cache_in_memory_gives_the_same_batches_without_reading_again(
+    tmp_path: Path, world_size: int
+) -> None:
+    """Cached rows batch exactly as read ones (shuffled training with regularization weights, padded
+    evaluation), epoch after epoch -- and once loaded the files are not needed: a cache that silently read
+    them again, or kept rows of another rank, another truncation or a half-read piece, would fail here."""
+    data = tmp_path / "data"
+    for i in range(3):
+        write(
+            data / f"part-{i}.parquet", make_rows(45, seed=i, max_len=12, start_id=100 * i), row_group_size=16
+        )
+    freq = {
+        "item": np.arange(1, ITEMS + 1),
+        "category": np.arange(CATES) % 4,
+        "user": np.ones(USERS, dtype=np.int64),
+        "age": np.arange(AGES),
+    }
+    settings = {
+        "train": {"batch_size": 8, "max_history": 6, "shuffle_buffer": 20, "seed": 4, "frequencies": freq},
+        "eval": {"batch_size": 16, "max_history": 6, "pad_last": True},
+    }
+    for rank in range(world_size):
+        for split, kw in settings.items():
+            where = f"{split} rank {rank}/{world_size}"
+            plain = reader(data, rank=rank, world_size=world_size, **kw)
+            cached = reader(data, rank=rank, world_size=world_size, cache_in_memory=True, **kw)
+            assert plain.load() == 0 and plain.cached_bytes() == 0
+            held = cached.load()
+            assert held == cached.cached_bytes() > 0, where
+            expected = []
+            for epoch in range(3):
+                plain.set_epoch(epoch)
+                expected.append(list(plain))
+            (tmp_path / "data").rename(tmp_path / "moved")
+            try:
+                for epoch in range(3):
+                    cached.set_epoch(epoch)
+                    _assert_same_batches(list(cached), expected[epoch], f"{where} epoch {epoch}")
+                plain.set_epoch(0)
+                with pytest.raises(DataError):
+                    list(plain)  # the uncached reader does need the files
+            finally:
+                (tmp_path / "moved").rename(tmp_path / "data")
+
+
+def test_cache_fills_on_the_first_pass_and_batches_do_not_alias_it(tmp_path: Path) -> None:
+    """Without load() the first pass fills the cache; unshuffled batches are copies: a caller writing into one
+    (here the labels and ids) must not change what later passes yield."""
+    path = write(tmp_path / "d.parquet", make_rows(30, seed=9), row_group_size=7)
+    cached = reader(path, batch_size=6, max_history=4, cache_in_memory=True)
+    assert cached.cached_bytes() == 0
+    first = list(cached)
+    assert cached.cached_bytes() > 0
+    want = [(b.labels.clone(), b.user_ids.clone(), b.hist_timestamps.clone()) for b in first]
+    for b in first:
+        b.labels.fill_(7.0)
+        b.user_ids.fill_(-1)
+        b.hist_timestamps.fill_(-1)
+    again = list(cached)
+    for i, (b, (labels, users, ts)) in enumerate(zip(again, want)):
+        assert torch.equal(b.labels, labels) and torch.equal(b.user_ids, users), f"batch {i} changed"
+        assert torch.equal(b.hist_timestamps, ts), f"batch {i} timestamps changed"
+    _assert_same_batches(again, list(reader(path, batch_size=6, max_history=4)), "cached vs read")

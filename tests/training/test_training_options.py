@@ -96,3 +96,24 @@ def test_bf16_autocast_step_is_close_to_fp32(activation: str) -> None:
         ).click
     assert losses["bf16"] == pytest.approx(losses["fp32"], abs=2e-2)
     assert losses["bf16"] != losses["fp32"], "autocast did not engage: bf16 matmuls round differently"
+
+
+def test_cache_in_memory_trains_and_evaluates_without_the_files(tmp_path, small_dataset) -> None:
+    """data.cache_in_memory: the Trainer loads both splits when it is built; fit then needs no data file (the
+    folder is moved away), and the epochs see the rows (a reader that skipped them would not learn)."""
+    import shutil
+
+    from din_torchrec.training.trainer import Trainer
+    from tests.conftest import small_experiment
+
+    data = tmp_path / "data"
+    shutil.copytree(small_dataset, data)
+    cfg = small_experiment(data, tmp_path / "out")
+    cfg.training.epochs = 1
+    cfg.data.cache_in_memory = True
+    trainer = Trainer(cfg)
+    assert trainer.train_reader.cached_bytes() > 0 and trainer.eval_reader.cached_bytes() > 0
+    data.rename(tmp_path / "moved")
+    metrics = trainer.fit()
+    assert metrics["steps"] == trainer.train_reader.num_batches() > 0
+    assert metrics["final"]["auc"] > 0.6, metrics["final"]

@@ -47,10 +47,12 @@ def assert_same_batch(a: Batch, b: Batch, where: str) -> None:
         assert torch.equal(a.reg_weights[k], b.reg_weights[k]), f"{where}: reg_weights[{k}]"
 
 
-def _compare(flat: Path, ref: Path, split: str, **kw) -> int:
+def _compare(flat: Path, ref: Path, split: str, cache_ref: bool = False, **kw) -> int:
+    """Batches of two epochs equal; ``cache_ref``: the referenced reader holds its rows in memory."""
     cfg = load_config(ref / "experiment.yaml")
     a = BehaviorReader(flat / split, cfg.features, **kw)
-    b = ReferencedBehaviorReader(ref / split, cfg.features, **kw)
+    b = ReferencedBehaviorReader(ref / split, cfg.features, cache_in_memory=cache_ref, **kw)
+    assert (b.load() > 0) == cache_ref
     assert len(a) == len(b) and a.num_rows == b.num_rows
     n = 0
     for epoch in (0, 1):
@@ -82,7 +84,8 @@ def test_referenced_batches_equal_flat(twins: tuple[Path, Path], kw: dict) -> No
     assert _compare(flat, ref, "train", **kw) > 0
 
 
-def test_equal_with_frequencies_and_negatives(twins: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize("cache_ref", [False, True], ids=["read", "cached"])
+def test_equal_with_frequencies_and_negatives(twins: tuple[Path, Path], cache_ref: bool) -> None:
     flat, ref = twins
     cfg = load_config(ref / "experiment.yaml")
     freq = load_frequencies(ref / "frequencies.npz", cfg.features)
@@ -98,6 +101,7 @@ def test_equal_with_frequencies_and_negatives(twins: tuple[Path, Path]) -> None:
             flat,
             ref,
             split,
+            cache_ref,
             batch_size=24,
             max_history=6,
             shuffle_buffer=30 if split == "train" else 0,
