@@ -249,8 +249,9 @@ class TrainingConfig:
     resume: bool = False
     num_threads: int = 0
     compile: bool = False  # torch.compile the dense hot spots (training/compile.py); needs a C++ compiler
-    # glibc keeps freed large blocks for reuse instead of page-faulting them back every step
-    # (utils/allocator.py; no effect off glibc).
+    # glibc keeps freed large blocks for reuse instead of page-faulting them back every step, and numpy asks
+    # for no huge pages where the kernel would compact memory for them on first touch (utils/allocator.py; no
+    # effect off glibc / Linux).
     malloc_tuning: bool = True
     # Dice and DIEN's recurrences through native CPU kernels (din_torchrec/ops), built on first use with the
     # host's C++ compiler; the PyTorch paths run without one.

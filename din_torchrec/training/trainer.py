@@ -44,7 +44,7 @@ from din_torchrec.training.losses import click_loss
 from din_torchrec.training.metrics import ctr_metrics
 from din_torchrec.training.plots import plot_training_curve
 from din_torchrec.training.regularization import mba_penalty
-from din_torchrec.utils.allocator import tune_malloc
+from din_torchrec.utils.allocator import tune_malloc, tune_numpy_hugepages
 from din_torchrec.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -321,6 +321,7 @@ class Trainer:
         self.cfg = cfg
         if cfg.training.malloc_tuning:
             tune_malloc()  # before the first large allocation
+            tune_numpy_hugepages()
         self.env = env or init_distributed(cfg.training.backend, cfg.training.num_threads)
         seed_everything(cfg.training.seed)
         self.out_dir = Path(cfg.training.output_dir)

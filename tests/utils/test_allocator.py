@@ -92,3 +92,40 @@ def test_an_older_glibc_that_refuses_large_thresholds_gets_its_ceiling(monkeypat
         (allocator.M_MMAP_THRESHOLD, 32 << 20),
         (allocator.M_TRIM_THRESHOLD, 1 << 30),
     ]
+
+
+def test_thp_defrag_mode_reads_the_selected_word(tmp_path) -> None:
+    from din_torchrec.utils.allocator import thp_defrag_mode
+
+    f = tmp_path / "defrag"
+    f.write_text("always defer defer+madvise [madvise] never\n")
+    assert thp_defrag_mode(str(f)) == "madvise"
+    f.write_text("always [defer+madvise] never\n")
+    assert thp_defrag_mode(str(f)) == "defer+madvise"
+    assert thp_defrag_mode(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize(
+    ("mode", "turned_off"),
+    [("madvise", True), ("always", True), ("defer+madvise", True), ("defer", False), ("never", False)],
+)
+def test_numpy_hugepages_off_only_where_faults_would_compact(tmp_path, mode: str, turned_off: bool) -> None:
+    """numpy's huge-page requests are turned off exactly for the defrag modes that compact synchronously on a
+    madvised fault; elsewhere numpy's own setting stays."""
+    from numpy._core import multiarray
+
+    from din_torchrec.utils.allocator import tune_numpy_hugepages
+
+    f = tmp_path / "defrag"
+    f.write_text(
+        " ".join(
+            f"[{m}]" if m == mode else m for m in ("always", "defer", "defer+madvise", "madvise", "never")
+        )
+    )
+    before = multiarray._get_madvise_hugepage()
+    try:
+        multiarray._set_madvise_hugepage(True)
+        assert tune_numpy_hugepages(str(f)) is turned_off
+        assert multiarray._get_madvise_hugepage() is (not turned_off)
+    finally:
+        multiarray._set_madvise_hugepage(before)
