@@ -337,17 +337,6 @@ class BehaviorReader:
                         f"frequencies: table {name!r}: expected {size} counts, got {len(frequencies[name])}"
                     )
 
-        # Count mode's coefficient of an id is 1 / max(n_j, 1) whatever the batch: looked up per batch from
-        # these tables (the same float32 values mba_coefficients computes) instead of recomputed per position.
-        self._inverse_frequencies = (
-            {
-                name: (1.0 / np.maximum(f, 1).astype(np.float64)).astype(np.float32)
-                for name, f in frequencies.items()
-            }
-            if frequencies is not None and reg_mode == "count"
-            else None
-        )
-
         self._check_path()
         # Footers only: schema checks and row counts.
         self._files: list[_FileInfo] = []
@@ -674,11 +663,9 @@ class BehaviorReader:
             ids = {t.target_column: rows.dense[t.target_column] for t in seq}
             ids |= {t.history_column: rows.jagged[t.history_column] for t in seq}
             ids |= {c: rows.dense[c] for c in self._prof_keys}
-            tables = self._seq_tables | self._prof_tables
-            if self._inverse_frequencies is not None:
-                coeff = {k: np.take(self._inverse_frequencies[tables[k]], v) for k, v in ids.items()}
-            else:
-                coeff = mba_coefficients(ids, tables, self.frequencies, self.reg_mode)
+            coeff = mba_coefficients(
+                ids, self._seq_tables | self._prof_tables, self.frequencies, self.reg_mode
+            )
             reg_weights = {k: torch.from_numpy(coeff[k]) for k in [*self._seq_keys, *self._prof_keys]}
 
         return Batch(
