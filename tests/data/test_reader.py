@@ -24,6 +24,7 @@ from din_torchrec.config import FeaturesConfig, ProfileTableConfig, SequenceTabl
 from din_torchrec.data.batch import Batch
 from din_torchrec.data.reader import BehaviorReader, DataError, load_frequencies
 from din_torchrec.training.regularization import kjt_mba_coefficients
+from tests.data.batch_checks import assert_same_batch
 
 ITEMS, CATES, USERS, AGES = 100, 10, 50, 8
 
@@ -693,17 +694,7 @@ def test_kjt_matches_from_lengths_sync(tmp_path: Path) -> None:
 def _assert_same_batches(a: list[Batch], b: list[Batch], where: str) -> None:
     assert len(a) == len(b), f"{where}: {len(a)} vs {len(b)} batches"
     for i, (x, y) in enumerate(zip(a, b)):
-        for kjt in ("sequence_features", "profile_features"):
-            u, v = getattr(x, kjt), getattr(y, kjt)
-            assert u.keys() == v.keys(), f"{where} batch {i}: {kjt} keys"
-            assert torch.equal(u.values(), v.values()) and torch.equal(u.lengths(), v.lengths()), (
-                f"{where} batch {i}: {kjt}"
-            )
-        for f in ("labels", "user_ids", "hist_timestamps", "hist_lengths", "target_timestamps", "valid"):
-            assert torch.equal(getattr(x, f), getattr(y, f)), f"{where} batch {i}: {f}"
-        assert x.reg_weights.keys() == y.reg_weights.keys(), f"{where} batch {i}: reg_weights keys"
-        for k in x.reg_weights:
-            assert torch.equal(x.reg_weights[k], y.reg_weights[k]), f"{where} batch {i}: reg_weights[{k}]"
+        assert_same_batch(x, y, f"{where} batch {i}")
 
 
 @pytest.mark.parametrize("world_size", [1, 2])

@@ -10,14 +10,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from din_torchrec.config import load_config
-from din_torchrec.data.batch import Batch
 from din_torchrec.data.negatives import NegativeSampler, load_item_features
 from din_torchrec.data.prepare import prepare_amazon, prepare_movielens
 from din_torchrec.data.reader import BehaviorReader, DataError, load_frequencies
 from din_torchrec.data.referenced import ReferencedBehaviorReader, dataset_layout, open_reader
+from tests.data.batch_checks import assert_same_batch
 from tests.data.prepare.helpers import meta_entries, random_reviews, write_amazon, write_ml1m
 
 
@@ -31,20 +30,6 @@ def twins(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     prepare_amazon(r, m, d / "flat", layout="flat", **kw)
     prepare_amazon(r, m, d / "ref", layout="referenced", **kw)
     return d / "flat", d / "ref"
-
-
-def assert_same_batch(a: Batch, b: Batch, where: str) -> None:
-    for kjt in ("sequence_features", "profile_features"):
-        x, y = getattr(a, kjt), getattr(b, kjt)
-        assert x.keys() == y.keys(), f"{where}: {kjt} keys"
-        assert torch.equal(x.values(), y.values()), f"{where}: {kjt} values"
-        assert torch.equal(x.lengths(), y.lengths()), f"{where}: {kjt} lengths"
-    for f in ("labels", "user_ids", "hist_timestamps", "hist_lengths", "target_timestamps", "valid"):
-        x, y = getattr(a, f), getattr(b, f)
-        assert x.dtype == y.dtype and torch.equal(x, y), f"{where}: {f}"
-    assert a.reg_weights.keys() == b.reg_weights.keys(), f"{where}: reg_weights keys"
-    for k in a.reg_weights:
-        assert torch.equal(a.reg_weights[k], b.reg_weights[k]), f"{where}: reg_weights[{k}]"
 
 
 def _compare(flat: Path, ref: Path, split: str, cache_ref: bool = False, **kw) -> int:
