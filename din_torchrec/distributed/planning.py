@@ -354,7 +354,13 @@ def planning_constraints(
     )
     if unknown:
         raise ConfigError(f"planning.tables.{unknown[0]}: no such table in the model config")
-    base = planner_constraints(cfg.features, cfg.training.sharding, topo.compute_device, topo.world_size)
+    base = planner_constraints(
+        cfg.features,
+        cfg.training.sharding,
+        topo.compute_device,
+        topo.world_size,
+        cfg.training.embedding_bounds_check,
+    )
     history = topo.planning.mean_history_length or float(cfg.data.max_history)
     out: dict[str, ParameterConstraints] = {}
     for name, table in tables.items():

@@ -72,6 +72,7 @@ def planner_constraints(
     sharding: dict[str, TableShardingConfig],
     compute_device: str,
     world_size: int = 0,
+    bounds_check: str | None = None,
 ) -> dict[str, ParameterConstraints]:
     """Per-table constraints from ``training.sharding`` plus the CPU restrictions.
 
@@ -101,6 +102,12 @@ def planner_constraints(
             base = constraints.get(p.name, ParameterConstraints())
             base.sharding_types = [ShardingType.TABLE_WISE.value]
             constraints[p.name] = base
+    if bounds_check is not None:
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+
+        mode = BoundsCheckMode[bounds_check.upper()]
+        for name in [t.name for t in features.sequence] + [p.name for p in features.profile]:
+            constraints.setdefault(name, ParameterConstraints()).bounds_check_mode = mode
     return constraints
 
 
@@ -116,6 +123,7 @@ def make_plan(
     sharding: dict[str, TableShardingConfig],
     batch_size: int,
     sharders: list[ModuleSharder[nn.Module]] | None = None,
+    bounds_check: str | None = None,
 ) -> ShardingPlan:
     """Plan with TorchRec's EmbeddingShardingPlanner for the current job's topology.
 
@@ -129,7 +137,7 @@ def make_plan(
     planner = EmbeddingShardingPlanner(
         topology=topology,
         batch_size=batch_size,
-        constraints=planner_constraints(features, sharding, compute_device, env.world_size),
+        constraints=planner_constraints(features, sharding, compute_device, env.world_size, bounds_check),
         debug=False,
     )
     return planner.plan(model, sharders or default_sharders())
@@ -145,12 +153,18 @@ def shard_model(
 ) -> DistributedModelParallel:
     """Attach the sparse optimizer, plan (unless given a plan) and wrap in DistributedModelParallel.
 
-    The dense part is replicated (DistributedDataParallel inside DMP); tables are sharded by the plan.
+    The dense part is replicated (DistributedDataParallel inside DMP) when there is more than one rank; tables
+    are sharded by the plan. A one-rank job gets no DDP wrapper: with nothing to average, its reducer would
+    only copy every dense gradient into buckets and back around a one-process all-reduce (0.35 ms of a 47 ms
+    DIEN step here). The state dict is the same either way (DMP drops DDP's ``module.`` prefix), so
+    checkpoints move between world sizes as before.
     """
     attach_sparse_optimizer(model, training)
     sharders = default_sharders()
     if plan is None:
-        plan = make_plan(model, env, features, training.sharding, batch_size, sharders)
+        plan = make_plan(
+            model, env, features, training.sharding, batch_size, sharders, training.embedding_bounds_check
+        )
     # References (no copy) to the unsharded initial weights: sharded tables placed on other ranks are
     # re-initialised by their kernels, so the shards are filled from these afterwards. Every rank built the
     # model from the same seed, hence the same initial weights.
@@ -161,6 +175,7 @@ def shard_model(
         device=env.device,
         plan=plan,
         sharders=sharders,
+        init_data_parallel=env.world_size > 1,
     )
     load_unsharded_state(dmp, initial)
     return dmp

@@ -63,6 +63,7 @@ class PackedLayout:
         inverse_order: ``[B]`` rank of each sample.
         packed_index: ``[N]`` the jagged row of each packed row (gather jagged -> packed).
         unpack_index: ``[N]`` the packed row of each jagged row (gather packed -> jagged).
+        last_rows: ``[num_active]`` the packed row of the last step of each rank with a step.
     """
 
     batch_sizes: torch.Tensor
@@ -71,6 +72,7 @@ class PackedLayout:
     inverse_order: torch.Tensor
     packed_index: torch.Tensor
     unpack_index: torch.Tensor
+    last_rows: torch.Tensor
 
     @property
     def num_active(self) -> int:
@@ -101,13 +103,20 @@ def packed_layout(lengths: torch.Tensor) -> PackedLayout:
     packed_index = torch.empty_like(unpack_index)
     packed_index[unpack_index] = torch.arange(n, device=device)
     batch_sizes_cpu = batch_sizes.cpu()
+    steps = batch_sizes_cpu.tolist()
+    active = steps[0] if steps else 0
+    # Rank r (length L_r > 0) ends at step L_r - 1, in packed row step_starts[L_r - 1] + r.
+    last_rows = step_starts.index_select(0, lengths.index_select(0, order[:active]) - 1) + torch.arange(
+        active, device=device
+    )
     return PackedLayout(
         batch_sizes=batch_sizes_cpu,
-        steps=batch_sizes_cpu.tolist(),
+        steps=steps,
         order=order,
         inverse_order=inverse_order,
         packed_index=packed_index,
         unpack_index=unpack_index,
+        last_rows=last_rows,
     )
 
 
@@ -348,12 +357,18 @@ def project_packed(
 
 def final_states(packed: torch.Tensor, layout: PackedLayout, lengths: torch.Tensor) -> torch.Tensor:
     """``[N, H]`` packed states -> ``[B, H]`` the state after each sample's last step (zeros if empty)."""
-    b = lengths.numel()
     if packed.shape[0] == 0:
-        return packed.new_zeros(b, packed.shape[1])
-    last = (complete_offsets(lengths.long())[1:] - 1).clamp_min(0)  # jagged row of each sample's last step
-    final = packed.index_select(0, layout.unpack_index.index_select(0, last))
-    return torch.where((lengths > 0).unsqueeze(1), final, final.new_zeros(()))
+        return packed.new_zeros(lengths.numel(), packed.shape[1])
+    return unrank_final(packed.index_select(0, layout.last_rows), layout)
+
+
+def unrank_final(ranked: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """``[B0, H]`` last states by rank (``packed[layout.last_rows]``) -> ``[B, H]`` by sample, zeros for the
+    samples without a step."""
+    b, active = layout.order.numel(), layout.num_active
+    if active < b:
+        ranked = torch.cat([ranked, ranked.new_zeros(b - active, ranked.shape[1])])
+    return gather_rows(ranked, layout.inverse_order, layout.order)  # a permutation: backward gathers too
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -480,7 +495,9 @@ class InterestEvolution(nn.Module):
                 layout.steps,
                 self.kind,
                 project,
+                layout.last_rows,
             )
+            return unrank_final(packed, layout), att
         return final_states(packed, layout, lengths), att
 
     def forward_loop(

@@ -1,5 +1,6 @@
 // The project's native CPU kernels as one extension module (one build): see dice_kernel.h, history_kernel.h,
-// jagged_kernel.h, lau_kernel.h, linear_kernel.h, pair_loss_kernel.h, recurrence_kernel.h, tbe_backward_kernel.h and tbe_forward_kernel.h;
+// jagged_kernel.h, lau_kernel.h, linear_kernel.h, pair_loss_kernel.h, recurrence_kernel.h,
+// regularization_kernel.h, tbe_backward_kernel.h and tbe_forward_kernel.h;
 // loaded by din_torchrec/ops/native.py.
 #include "dice_kernel.h"
 #include "history_kernel.h"
@@ -8,6 +9,7 @@
 #include "linear_kernel.h"
 #include "pair_loss_kernel.h"
 #include "recurrence_kernel.h"
+#include "regularization_kernel.h"
 #include "tbe_backward_kernel.h"
 #include "tbe_forward_kernel.h"
 
@@ -55,6 +57,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("recurrence_forward", &recurrence_forward, "packed gated recurrence (optionally with its input projection inside): out, sig, cand, hh_n",
         kNoGil);
   m.def("recurrence_backward", &recurrence_backward, "packed gated recurrence backward: dx (or d x_in), datt, dweight, dbias, dinput_bias, dweight_ih",
+        kNoGil);
+  m.def("weighted_squared_norms", &weighted_squared_norms,
+        "the regularizer's sum over keys of c_i ||v_i||^2 (float32 scalar, float64 sums)", kNoGil);
+  m.def("weighted_squared_norms_backward", &weighted_squared_norms_backward, "its gradients 2 g c_i v_i",
         kNoGil);
   m.def("in_own_history", &in_own_history, "whether each candidate item is in its own sample's history",
         kNoGil);

@@ -1,5 +1,6 @@
 """The native CPU kernels (``native.cpp``: ``dice_kernel.h``, ``jagged_kernel.h``, ``lau_kernel.h``,
-``linear_kernel.h``, ``pair_loss_kernel.h``, ``recurrence_kernel.h``, ``tbe_backward_kernel.h``, ``tbe_forward_kernel.h``) as one
+``linear_kernel.h``, ``pair_loss_kernel.h``, ``recurrence_kernel.h``, ``regularization_kernel.h``,
+``tbe_backward_kernel.h``, ``tbe_forward_kernel.h``) as one
 extension module, built on first use with the host's C++ compiler (``torch.utils.cpp_extension``).
 
 The first build takes about 20-30 s and is cached under ``TORCH_EXTENSIONS_DIR`` (default
@@ -35,6 +36,7 @@ _SOURCES = (
     "linear_kernel.h",
     "pair_loss_kernel.h",
     "recurrence_kernel.h",
+    "regularization_kernel.h",
     "small_gemm.h",
     "tbe_common.h",
     "tbe_backward_kernel.h",

@@ -306,13 +306,16 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const std::opt
                                       const at::Tensor& weight_hh, const at::Tensor& out, const at::Tensor& sig,
                                       const at::Tensor& cand, const at::Tensor& hh_n,
                                       const std::vector<int64_t>& steps, bool has_bias, bool has_input_bias,
-                                      bool bf16_products) {
+                                      bool bf16_products, bool final_only) {
   constexpr int64_t ns = M == kAgru ? 1 : 2;
   const int64_t n_rows = out.size(0), h = out.size(1), g = (ns + 1) * h;
   // Each state's complete gradient: its output gradient plus what the next step sends back. Rows with a next
   // step get theirs written by that step (step_backward starts them from grad_out); the rest (each sequence's
   // last state, B rows in all) are copied from grad_out when their step comes -- instead of cloning all of
   // grad_out up front (a [N, H] copy).
+  // final_only: grad_out is [B0, H], the gradient of each sequence's last state only, by rank (B0 = steps[0]);
+  // every other state's output gradient is zero. Step t's ending sequences are its rows next .. b - 1, the
+  // same ranks: their rows of grad_out are copied, and no state gets an output gradient of its own.
   const at::Tensor go = grad_out.contiguous();
   const float* gop = go.data_ptr<float>();
   at::Tensor dh_all = at::empty({n_rows, h}, out.options());
@@ -350,14 +353,16 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_out, const std::opt
   for (int64_t t = static_cast<int64_t>(steps.size()) - 1; t >= 0; --t) {
     const int64_t b = steps[t], start = starts[t], parts = std::min(step_parts(b), slots);
     const int64_t next = t + 1 < static_cast<int64_t>(steps.size()) ? steps[t + 1] : 0;  // rows with a next step
-    std::memcpy(dhp + (start + next) * h, gop + (start + next) * h, sizeof(float) * (b - next) * h);
+    std::memcpy(dhp + (start + next) * h, gop + ((final_only ? 0 : start) + next) * h,
+                sizeof(float) * (b - next) * h);
     at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
       at::NoGradGuard no_grad;  // grad mode is thread-local: a worker thread's must not see weight_hh's grad
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t r0 = b * q / parts, rows = b * (q + 1) / parts - r0, row = start + r0;
         const float* hp = t > 0 ? outp + (starts[t - 1] + r0) * h : zeros.data_ptr<float>() + r0 * h;
         float* dprev = t > 0 ? dhp + (starts[t - 1] + r0) * h : scratch.data_ptr<float>() + r0 * h;
-        const float* gprev = t > 0 ? gop + (starts[t - 1] + r0) * h : zeros.data_ptr<float>() + r0 * h;
+        const float* gprev =
+            t > 0 && !final_only ? gop + (starts[t - 1] + r0) * h : zeros.data_ptr<float>() + r0 * h;
         float* dhh = dhh_scratch.data_ptr<float>() + q * dhh_scratch.size(1);
         step_backward<M, T>(rows, h, dhp + row * h, sig.data_ptr<float>() + row * ns * h,
                             cand.data_ptr<float>() + row * h, hh_n.data_ptr<float>() + row * h, hp,
@@ -463,10 +468,18 @@ inline std::vector<at::Tensor> recurrence_backward(at::Tensor grad_out, std::opt
                                                    at::Tensor weight_hh, at::Tensor out, at::Tensor sig,
                                                    at::Tensor cand, at::Tensor hh_n, std::vector<int64_t> steps,
                                                    int64_t mode, bool has_bias, bool has_input_bias, bool bf16_dx,
-                                                   bool bf16_products) {
-  // dx comes back in x's type (bf16_dx: x was bfloat16); every other gradient in float32.
+                                                   bool bf16_products, bool final_only) {
+  // dx comes back in x's type (bf16_dx: x was bfloat16); every other gradient in float32. final_only: grad_out
+  // holds the gradient of each sequence's last state only, [steps[0], H] by rank (see backward_impl).
   using namespace din_recurrence;
-  TORCH_CHECK(grad_out.sizes() == out.sizes(), "packed recurrence: grad_out must match the states");
+  if (final_only) {
+    TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == (steps.empty() ? 0 : steps[0]) &&
+                    grad_out.size(1) == out.size(1),
+                "packed recurrence: a final-state grad_out must be [", steps.empty() ? 0 : steps[0], ", ",
+                out.size(1), "] (one row per sequence), got ", grad_out.sizes());
+  } else {
+    TORCH_CHECK(grad_out.sizes() == out.sizes(), "packed recurrence: grad_out must match the states");
+  }
   check_f32(grad_out, "grad_out");
   TORCH_CHECK(att.has_value() == (mode == kAugru || mode == kAgru),
               "packed recurrence: att is required by the augru / agru modes and not used by the others");
@@ -475,9 +488,9 @@ inline std::vector<at::Tensor> recurrence_backward(at::Tensor grad_out, std::opt
               "size, got ", weight_hh.size(1));
 #define DIN_RECURRENCE_BACKWARD(M)                                                                          \
   return bf16_dx ? backward_impl<M, c10::BFloat16>(grad_out, att, weight_hh, out, sig, cand, hh_n, steps,     \
-                                                   has_bias, has_input_bias, bf16_products)                  \
+                                                   has_bias, has_input_bias, bf16_products, final_only)      \
                  : backward_impl<M, float>(grad_out, att, weight_hh, out, sig, cand, hh_n, steps, has_bias, \
-                                           has_input_bias, bf16_products)
+                                           has_input_bias, bf16_products, final_only)
   switch (mode) {
     case kGru: DIN_RECURRENCE_BACKWARD(kGru);
     case kAugru: DIN_RECURRENCE_BACKWARD(kAugru);

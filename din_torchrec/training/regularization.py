@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
+from din_torchrec.ops import native
+
 
 def mba_coefficients(
     ids_by_key: Mapping[str, np.ndarray],
@@ -106,6 +108,28 @@ class _WeightedSquaredNorms(torch.autograd.Function):
         return grad.to(v.dtype), None
 
 
+class _NativeWeightedSquaredNorms(torch.autograd.Function):
+    """:class:`_WeightedSquaredNorms` summed over all keys in one native call each way
+    (``ops/regularization_kernel.h``: one read of each key's rows forward, one write of each gradient backward;
+    float64 sums): ``apply(coefficients, *values)`` for float32 CPU ``values [n_k, D_k]`` and ``coefficients
+    [n_k]``."""
+
+    @staticmethod
+    def forward(ctx, coefficients: list[torch.Tensor], *values: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        mod = native.kernels()
+        assert mod is not None
+        ctx.coefficients = coefficients
+        ctx.save_for_backward(*values)
+        return mod.weighted_squared_norms(list(values), coefficients)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        mod = native.kernels()
+        assert mod is not None
+        grads = mod.weighted_squared_norms_backward(list(ctx.saved_tensors), ctx.coefficients, float(g))
+        return (None, *(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad[1:])))
+
+
 def mba_penalty(
     embeddings: Mapping[str, torch.Tensor | JaggedTensor],
     coefficients: Mapping[str, torch.Tensor],
@@ -117,7 +141,7 @@ def mba_penalty(
             pooled ``[B, D]`` output of a bag whose every sample has exactly one id).
         coefficients: feature name -> ``[num values]`` coefficients from :func:`mba_coefficients`.
     """
-    total: torch.Tensor | None = None
+    keys: list[tuple[torch.Tensor, torch.Tensor]] = []
     for key, c in coefficients.items():
         e = embeddings[key]
         values = e.values() if isinstance(e, JaggedTensor) else e
@@ -125,8 +149,14 @@ def mba_penalty(
             raise ValueError(
                 f"regularization for {key!r}: {c.shape[0]} coefficients for {values.shape[0]} looked-up rows"
             )
-        term = _WeightedSquaredNorms.apply(values, c.to(values.device))
-        total = term if total is None else total + term
-    if total is None:
+        keys.append((values, c.to(values.device)))
+    if not keys:
         return torch.zeros(())
+    if all(
+        native.usable(v) and v.dim() == 2 and v.stride(1) == 1 and c.dtype == torch.float32 for v, c in keys
+    ):
+        return _NativeWeightedSquaredNorms.apply([c.contiguous() for _, c in keys], *(v for v, _ in keys))
+    total = _WeightedSquaredNorms.apply(*keys[0])
+    for values, c in keys[1:]:
+        total = total + _WeightedSquaredNorms.apply(values, c)
     return total

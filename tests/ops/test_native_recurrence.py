@@ -386,3 +386,95 @@ def test_projected_steps_split_over_threads_give_the_single_thread_result(bf16_p
         torch.set_num_threads(before)
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 12), min_size=1, max_size=40),
+    mode=st.sampled_from(MODES),
+    with_rows=st.booleans(),
+    bf16_products=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_final_states_only_equal_the_last_rows_of_all_states(
+    lengths, mode, with_rows, bf16_products, seed
+) -> None:
+    """``last_rows`` given, the kernel returns only each sequence's last state and its backward takes their
+    ``[B0, H]`` gradient as it is (no ``[N, H]`` zeros): values and every gradient equal, bit for bit, to taking
+    ``out[last_rows]`` of all states (whose gradient is zero on the other rows)."""
+    steps, x_in, rows, w_ih, bias, att, w_hh, b_hh, _ = _projected_case(lengths, mode, 16, 8, with_rows, seed)
+    layout = packed_layout(torch.tensor(lengths))
+    params = [t for t in (x_in, w_ih, bias, att, w_hh, b_hh) if t is not None]
+    g = torch.randn(steps[0], 16)
+
+    def run(final_only: bool):
+        args = (x_in, rows, w_ih, bias, att, w_hh, b_hh, steps, mode, bf16_products)
+        if final_only:
+            out = NativeProjectedRecurrence.apply(*args, layout.last_rows)
+        else:
+            out = NativeProjectedRecurrence.apply(*args).index_select(0, layout.last_rows)
+        return out, torch.autograd.grad((out * g).sum(), params)
+
+    got, got_grads = run(True)
+    want, want_grads = run(False)
+    assert got.shape == (steps[0], 16)
+    assert torch.equal(got, want)
+    for a, e in zip(got_grads, want_grads):
+        assert torch.equal(a, e)
+
+
+def test_final_states_only_check_the_shape_of_their_rows_and_gradient() -> None:
+    steps, x_in, rows, w_ih, bias, att, w_hh, b_hh, _ = _projected_case([3, 0, 2, 5], "augru", 8, 4, True, 1)
+    with pytest.raises(ValueError, match=r"last_rows must be \[3\] \(one row per sequence\), got \(2,\)"):
+        projected_recurrence(
+            x_in, rows, w_ih, bias, att, w_hh, b_hh, steps, "augru", lambda: None, torch.tensor([0, 1])
+        )
+    out, sig, cand, hh_n = native.kernels().recurrence_forward(
+        x_in.detach(), att.detach(), w_hh.detach(), None, bias.detach(), steps, 1, False, rows, w_ih.detach()
+    )
+    with pytest.raises(
+        RuntimeError, match=r"a final-state grad_out must be \[3, 8\] \(one row per sequence\)"
+    ):
+        native.kernels().recurrence_backward(
+            torch.zeros(4, 8),
+            att.detach(),
+            w_hh.detach(),
+            out,
+            sig,
+            cand,
+            hh_n,
+            steps,
+            1,
+            False,
+            True,
+            False,
+            False,
+            True,
+        )
+
+
+@pytest.mark.parametrize("kind", ["augru", "agru"])
+def test_evolution_on_the_kernel_equals_its_autograd_loop_in_float32(kind: str) -> None:
+    """InterestEvolution in float32 on the CPU runs the kernel and returns final states through ``last_rows``:
+    final states, attention and every gradient as the autograd loop of the cell's steps (``forward_loop``),
+    with empty and length-1 histories in the batch."""
+    from din_torchrec.modules.interest_evolution import InterestEvolution
+
+    torch.manual_seed(21)
+    ev = InterestEvolution(8, 6, 8, kind=kind, attention_hidden=[6, 3], attention_activation="prelu")
+    lens = torch.tensor([3, 0, 7, 1, 5, 7, 1, 0, 2])
+    states = torch.randn(int(lens.sum()), 8, requires_grad=True)
+    cand = torch.randn(lens.numel(), 8, requires_grad=True)
+    inputs = [states, cand, *ev.parameters()]
+    g = torch.randn(lens.numel(), 6)
+    results = []
+    for fn in (ev.forward, ev.forward_loop):
+        final, att = fn(states, lens, cand)
+        loss = (final * g).sum() + (att * torch.arange(float(att.numel()))).sum()
+        results.append((final, att, torch.autograd.grad(loss, inputs)))
+    (final, att, grads), (ref_final, ref_att, ref_grads) = results
+    assert final.grad_fn is not None and torch.all(final[lens == 0] == 0)
+    torch.testing.assert_close(final, ref_final, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(att, ref_att, rtol=1e-5, atol=1e-6)
+    for a, e in zip(grads, ref_grads):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)

@@ -7,6 +7,7 @@ from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from din_torchrec.ops import native
 from din_torchrec.training.regularization import kjt_mba_coefficients, mba_coefficients, mba_penalty
 
 FREQ = {"item": np.array([5, 2, 4, 1, 10, 3], dtype=np.int64)}
@@ -132,3 +133,42 @@ def test_penalty_gradient_matches_autograd_of_the_formula() -> None:
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
         tol = 1e-5 if dtype == torch.float32 else 2**-7
         torch.testing.assert_close(g.double(), want_g, rtol=tol, atol=1e-6)
+
+
+@pytest.mark.skipif(native.kernels() is None, reason="the native kernels did not build")
+def test_native_penalty_over_all_keys_equals_the_float64_formula() -> None:
+    """Float32 CPU keys take one native call each way (ops/regularization_kernel.h): the penalty and every key's
+    gradient as the float64 formula, on a key longer than a chunk, an empty key, and a column slice of a pooled
+    ``[B, 3 D]`` output (rows with a stride); 1 and 3 threads give the same bits."""
+    gen = torch.Generator().manual_seed(4)
+    pooled = torch.randn(50, 12, generator=gen, requires_grad=True)
+    keys = {
+        "hist": torch.randn(5000, 16, generator=gen, requires_grad=True),
+        "empty": torch.randn(0, 16, generator=gen, requires_grad=True),
+        "user": pooled[:, 4:8],
+    }
+    coeff = {k: torch.rand(v.shape[0], generator=gen) for k, v in keys.items()}
+    leaves = [keys["hist"], keys["empty"], pooled]
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            got = mba_penalty(keys, coeff)
+            assert got.grad_fn.name().startswith("_NativeWeightedSquaredNorms")
+            runs.append((got, torch.autograd.grad(got * 3.0, leaves)))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(runs[0][0], runs[1][0]) and all(
+        torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1])
+    )
+    got, grads = runs[0]
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    ref_keys = {"hist": ref[0], "empty": ref[1], "user": ref[2][:, 4:8]}
+    want = sum(((v * v).sum(-1) * coeff[k].double()).sum() for k, v in ref_keys.items())
+    want_grads = torch.autograd.grad(want * 3.0, ref)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g.double(), w, rtol=1e-6, atol=1e-6)
+    assert torch.all(grads[2][:, :4] == 0) and torch.all(grads[2][:, 8:] == 0)

@@ -117,3 +117,28 @@ def test_cache_in_memory_trains_and_evaluates_without_the_files(tmp_path, small_
     metrics = trainer.fit()
     assert metrics["steps"] == trainer.train_reader.num_batches() > 0
     assert metrics["final"]["auc"] > 0.6, metrics["final"]
+
+
+def _tbe_bounds_check_modes(model: torch.nn.Module) -> list[int]:
+    """FBGEMM's bounds-check mode of every table-batched embedding module inside the sharded collections."""
+    modes = []
+    for m in model.modules():
+        for lookup in getattr(m, "_lookups", []):
+            for emb in getattr(lookup, "_emb_modules", []):
+                modes.append(emb.emb_module.bounds_check_mode_int)
+    return modes
+
+
+@pytest.mark.parametrize("mode", ["none", "warning", "fatal"])
+def test_embedding_bounds_check_reaches_every_fbgemm_table(mode: str) -> None:
+    """training.embedding_bounds_check sets FBGEMM's id check of the EmbeddingCollection's and the
+    EmbeddingBagCollection's kernels ("none" by default: the readers check every id before a batch exists)."""
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+
+    assert ExperimentConfig().training.embedding_bounds_check == "none"
+    env = init_distributed("gloo")
+    cfg = _config(1)
+    cfg.training.embedding_bounds_check = mode  # type: ignore[assignment]
+    model = shard_model(build_model(cfg), env, cfg.features, cfg.training, 8)
+    modes = _tbe_bounds_check_modes(model)
+    assert len(modes) == 2 and set(modes) == {BoundsCheckMode[mode.upper()].value}, modes
