@@ -24,6 +24,7 @@ from torch import nn
 from din_torchrec.modules.activations import apply_reference, make_activation
 from din_torchrec.modules.mlp import MLP
 from din_torchrec.ops.jagged import first_layer, weighted_segment_sum
+from din_torchrec.ops.linear import linear
 
 
 def segment_ids(lengths: torch.Tensor) -> torch.Tensor:
@@ -108,8 +109,9 @@ class LocalActivationUnit(nn.Module):
             ``[N]`` scores, equal to :meth:`scores_reference` on ``candidates[segments]``.
         """
         w_b, w_c, w_d, w_p = self.first.weight.split(self.embedding_dim, dim=1)
-        # Candidate side once per sample: (W_c - W_d) c + bias, [B, H].
-        cand_part = torch.addmm(self.first.bias, candidates, (w_c - w_d).t())
+        # Candidate side once per sample: (W_c - W_d) c + bias, [B, H] -- through the linear kernel where it runs
+        # (under bf16 autocast addmm's oneDNN call took 0.17 ms forward and 0.22 backward for [1024, 32] -> 80).
+        cand_part = linear(candidates, w_c - w_d, self.first.bias)
         # Behaviour side [b, b*c] @ [W_b + W_d; W_p]^T plus the candidate rows: one matmul, or in float32 on
         # the CPU a per-sample weight matrix W_b + W_d + W_p diag(c_s) in one native kernel (ops/jagged.py).
         h = first_layer(behaviours, candidates, segments, w_b + w_d, w_p, cand_part)

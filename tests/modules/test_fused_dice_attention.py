@@ -218,3 +218,26 @@ def test_row_buckets_under_bf16_autocast_change_nothing_but_the_matmul_shapes(mo
         torch.testing.assert_close(p.grad, p_r.grad, msg=name)
     for (name, b), b_r in zip(att.named_buffers(), ref.buffers()):
         torch.testing.assert_close(b, b_r, msg=name)
+
+
+def test_split_first_layer_under_bf16_autocast_is_the_float32_formula_to_bf16_precision() -> None:
+    """Under bf16 autocast the unit's split first layer (candidate side through the linear kernel where it
+    runs, behaviour side through the BRGEMM or oneDNN product) gives the float32 formula's scores and gradients
+    to bf16 precision: no term dropped or counted twice by the split."""
+    torch.manual_seed(12)
+    lengths = torch.randint(0, 9, (40,))
+    lengths[:2] = torch.tensor([0, 1])
+    d = 16
+    unit = LocalActivationUnit(d, [24, 12], "prelu")
+    beh = torch.randn(int(lengths.sum()), d, requires_grad=True)
+    cand = torch.randn(40, d, requires_grad=True)
+    seg = segment_ids(lengths)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = unit.scores_jagged(beh, cand, seg)
+    want = unit.scores_reference(beh, cand.index_select(0, seg))
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+    g = torch.randn_like(want)
+    got_grads = torch.autograd.grad((got.float() * g).sum(), [beh, cand, *unit.parameters()])
+    want_grads = torch.autograd.grad((want * g).sum(), [beh, cand, *unit.parameters()])
+    for a, e in zip(got_grads, want_grads):
+        torch.testing.assert_close(a.float(), e, rtol=0.05, atol=0.05 * (1 + float(e.abs().max())))
