@@ -61,5 +61,7 @@ class DIEN(SequenceCTRModel):
         if self.auxiliary is not None and self.training:
             if emb.negatives is None:
                 raise ValueError("DIEN's auxiliary loss needs negative behaviours in the batch (neg_* keys)")
-            aux = self.aux_loss_weight * self.auxiliary(states, emb.behaviours, emb.negatives, emb.lengths)
+            aux = self.aux_loss_weight * self.auxiliary(
+                states, emb.behaviours, emb.negatives, emb.lengths, layout.segments
+            )
         return Interaction(final, attention=attention, aux_loss=aux)

@@ -178,6 +178,7 @@ def sigmoid_mlp_pair_loss(
     lengths: torch.Tensor,
     linears: list[torch.nn.Linear],
     chunk_rows: int | None = None,
+    segments: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``mean over real pairs (j - 1, j) of softplus(-s(h_{j-1}, e_j)) + softplus(s(h_{j-1}, e^-_j))``.
 
@@ -189,12 +190,13 @@ def sigmoid_mlp_pair_loss(
         linears: the scorer's layers ``[H + D -> H1, H1 -> H2, ..., -> 1]``, a sigmoid after each but the last.
         chunk_rows: target rows per chunk (default :data:`CHUNK_ROWS` on the CPU; elsewhere all rows in one
             chunk: on a GPU each chunk's two dozen kernel launches would cost more than the memory it saves).
+        segments: ``segment_ids(lengths)`` if the caller has it (``PackedLayout.segments``), else None.
 
     Returns:
         Scalar loss (0 with a graph when the batch has no pair), float32 (float64 for float64 inputs).
     """
     n = states.shape[0]
-    seg = segment_ids(lengths)
+    seg = segment_ids(lengths) if segments is None else segments
     is_target = torch.zeros(n, dtype=torch.bool, device=states.device)
     if n > 1:
         is_target[1:] = seg[1:] == seg[:-1]

@@ -117,6 +117,7 @@ def test_packed_layout_puts_step_t_of_the_longest_samples_first() -> None:
     # The packed row of each non-empty rank's last step (the recurrence's final states).
     last = [int(lay.unpack_index[offsets[s] + int(lengths[s]) - 1]) for s in lay.order[:5].tolist()]
     assert lay.last_rows.tolist() == last == [11, 12, 7, 8, 4]
+    assert lay.segments.tolist() == [0, 0, 2, 2, 2, 2, 3, 3, 4, 5, 5, 5, 5]
 
 
 def _gru_per_sample(ex: InterestExtractor, beh: torch.Tensor, lengths: torch.Tensor):
