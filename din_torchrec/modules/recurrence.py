@@ -406,8 +406,9 @@ class NativeProjectedRecurrence(torch.autograd.Function):
     ``last_rows [B0]`` (B0 = ``steps[0]``; :attr:`~din_torchrec.modules.interest_evolution.PackedLayout.last_rows`:
     the packed row of the last step of each rank): the result is only those states, ``out[last_rows]`` ``[B0,
     H]``. Why: where only the final states are used (DIEN's evolution), the gradient of ``out[last_rows]`` would
-    otherwise be scattered into an ``[N, H]`` zero tensor (0.6-0.7 ms per step at N = 26k); the kernel's backward
-    takes the ``[B0, H]`` gradient as it is."""
+    otherwise be scattered into an ``[N, H]`` zero tensor (the profiler charged it 0.6-0.7 ms per DIEN step at N =
+    26k; measured paired, the step is 0.3 ms faster without it); the kernel's backward takes the ``[B0, H]``
+    gradient as it is."""
 
     @staticmethod
     def forward(  # type: ignore[override]
